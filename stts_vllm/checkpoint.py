@@ -1,0 +1,559 @@
+"""STTS checkpoints: a tiny random demo model, and a converter for stock Qwen2.5-VL directories.
+
+Both produce a plain HF directory (DESIGN.md §2): `config.json` names the plugin's architecture
+and carries an `stts` block; weights stay ordinary safetensors, with the learned scorer (if any)
+in its own file under the `stts_scorer.` prefix. vLLM, HF transformers and our training code can
+therefore all read the same directory.
+
+The demo model exists because no real weights can be downloaded here: it is small enough to load
+in seconds on a CPU, yet has every moving part of Qwen2.5-VL (windowed + full-attention ViT
+blocks, 2x2 spatial merge, M-RoPE, the Qwen special tokens and chat template), so the engine,
+server and tests exercise the real code paths. Its outputs are meaningless, but deterministic.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from stts_vllm.core.config import STTSConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "SCORER_FILE",
+    "SCORER_PREFIX",
+    "SPECIAL_TOKENS",
+    "STOCK_ARCHITECTURE",
+    "STTS_ARCHITECTURE",
+    "build_tokenizer",
+    "convert",
+    "demo_config",
+    "make_demo",
+    "random_scorer_state_dict",
+    "read_config",
+    "scorer_state_dict_to_file",
+    "set_architecture",
+    "write_stts_block",
+]
+
+STTS_ARCHITECTURE = "STTSQwen2_5_VLForConditionalGeneration"
+STOCK_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+SCORER_PREFIX = "stts_scorer."
+SCORER_FILE = "stts_scorer.safetensors"
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+# --------------------------------------------------------------------------- demo geometry
+# Small but structurally faithful: head dims divisible by 4 (the ViT's 2-D rotary splits its
+# half-dim between h and w), mrope_section sums to the LLM's head_dim / 2, and the last ViT block
+# uses full attention like every real Qwen2.5-VL (window_size 112 = 4x4 merged units).
+VISION_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "window_size": 112,
+    "tokens_per_second": 2,
+    "hidden_act": "silu",
+    "in_channels": 3,
+}
+TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 2,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 1000000.0,
+        "mrope_section": [4, 6, 6],
+    },
+    "rms_norm_eps": 1e-6,
+}
+VOCAB_MULTIPLE = 64  # embedding rows are padded like real checkpoints (151665 tokens -> 152064)
+# Pixel bounds keep demo videos to a handful of tokens per frame (4..256 merged units).
+MIN_PIXELS = 28 * 28 * 4
+MAX_PIXELS = 28 * 28 * 256
+
+# --------------------------------------------------------------------------- tokenizer data
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+# The chat template of Qwen2-VL / Qwen2.5-VL Instruct, verbatim.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# A few hundred words about what short videos show: enough for ~1000 BPE tokens, so prompts
+# in tests tokenize into whole words rather than bytes.
+_WORDS: dict[str, tuple[str, ...]] = {
+    key: tuple(words.split())
+    for key, words in {
+        "colour": "red green blue yellow orange purple pink brown black white grey gold silver "
+        "violet cyan magenta beige",
+        "shape": "circle square triangle star cube ball box line dot ring arrow heart block "
+        "sphere cone cylinder oval diamond",
+        "thing": "car bird cat dog horse boat train bicycle flower house ladder bottle door "
+        "window tree river cloud camera table chair cup book phone kite lamp clock key bag hat "
+        "shoe apple bread cake egg umbrella pencil basket mirror candle",
+        "person": "man woman child boy girl player dancer driver cook teacher runner",
+        "action": "holds picks throws catches pushes pulls kicks carries drops lifts opens "
+        "closes points",
+        "adjective": "big small tall short round flat bright dark shiny heavy empty full fast "
+        "slow still busy quiet loud soft hard warm cold",
+        "motion": "moves turns spins rotates bounces slides falls rises stops grows shrinks "
+        "appears disappears jumps flies runs walks waves shakes rolls drifts floats swings",
+        "way": "left right upward downward forward backward quickly slowly smoothly suddenly "
+        "again together away around across through",
+        "number": "zero one two three four five six seven eight nine ten eleven twelve twenty "
+        "hundred many several few",
+        "place": "room street field kitchen garden beach road park screen corner centre "
+        "background foreground floor sky water forest mountain desert city bridge",
+        "time": "first then next finally before after during while later earlier now",
+        "weather": "sun moon rain snow wind fire smoke shadow light fog storm ice",
+        "part": "top bottom middle edge side front back inside outside half",
+        "camera": "zooms pans tilts cuts fades focuses follows records",
+        "feeling": "happy sad angry calm tired excited surprised afraid curious",
+        "sound": "music noise voice whistle bell silence laughter thunder applause",
+        "animal": "fish lion tiger bear mouse rabbit duck sheep goat frog snake monkey",
+        "activity": "playing swimming dancing cooking painting climbing skating reading",
+        "answer": "yes no maybe probably certainly",
+    }.items()
+}
+_TEMPLATES: tuple[str, ...] = (
+    "{Time}, the {adjective} {colour} {shape} {motion} {way} in the {place}.",
+    "How many {thing}s are there? There are {number}.",
+    "What colour is the {shape}? It is {colour}.",
+    "Is the {thing} {adjective}? {Answer}.",
+    "The {person} {action} the {colour} {thing} in the {place}.",
+    "The camera {camera} to the {part} of the {place} while the {weather} gets {adjective}.",
+    "The {person} looks {feeling} when the {thing} {motion} {way}.",
+    "Can you hear the {sound}? {Answer}, the {sound} comes from the {part}.",
+    "The {animal} and the {person} are {activity} near the {thing}.",
+    "Does the {shape} move? {Answer}, it {motion} {way} at second {i}.",
+)
+
+
+# --------------------------------------------------------------------------- json helpers
+def read_config(ckpt_dir: Path) -> dict[str, Any]:
+    """The raw `config.json` as a dict: we edit it as JSON, not through `PretrainedConfig`, so
+    keys transformers does not know (the `stts` block) and the source's layout survive."""
+    return json.loads((Path(ckpt_dir) / CONFIG_FILE).read_text())
+
+
+def _write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """Write JSON the way transformers does; replace a symlink rather than write through it, so
+    editing a converted directory can never modify the source checkpoint."""
+    if path.is_symlink():
+        path.unlink()
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def set_architecture(ckpt_dir: Path, arch: str) -> None:
+    """Point `config.json` at another model class, e.g. `STOCK_ARCHITECTURE` for a baseline
+    copy of a demo. (vLLM loads every `*.safetensors` of an index-less directory, so a stock
+    copy of a `learned` demo must also drop `stts_scorer.safetensors`.)"""
+    if not arch:
+        raise ValueError("architecture name must be non-empty")
+    config = read_config(ckpt_dir)
+    config["architectures"] = [arch]
+    _write_json(Path(ckpt_dir) / CONFIG_FILE, config)
+
+
+def write_stts_block(ckpt_dir: Path, stts: Mapping[str, Any]) -> STTSConfig:
+    """Validate `stts` (missing fields take their defaults) against the checkpoint's ViT and
+    store it as the `stts` block of `config.json`."""
+    parsed = STTSConfig.from_dict(dict(stts))
+    config = read_config(ckpt_dir)
+    parsed.check_vit_depth(_vit_depth(config))
+    config["stts"] = parsed.to_dict()
+    _write_json(Path(ckpt_dir) / CONFIG_FILE, config)
+    return parsed
+
+
+def _vit_depth(config: Mapping[str, Any]) -> int:
+    depth = config.get("vision_config", {}).get("depth")
+    if not isinstance(depth, int):
+        raise ValueError("config.json has no integer vision_config.depth; not a Qwen2.5-VL config?")
+    return depth
+
+
+def _vit_width(config: Mapping[str, Any]) -> int:
+    width = config.get("vision_config", {}).get("hidden_size")
+    if not isinstance(width, int):
+        raise ValueError("config.json has no integer vision_config.hidden_size")
+    return width
+
+
+def _prepare_out(out: Path, overwrite: bool, *, protect: Path | None = None) -> Path:
+    """Create `out`, refusing to clobber a non-empty directory unless asked, and never deleting
+    `protect` (the conversion source) by way of `overwrite`."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory")
+    if protect is not None:
+        src = protect.resolve()
+        if out.resolve() == src or out.resolve() in src.parents:
+            raise ValueError(f"output directory {out} must not be or contain the source {protect}")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# --------------------------------------------------------------------------- scorer weights
+def random_scorer_state_dict(dim: int, hidden: int | None, seed: int) -> dict[str, torch.Tensor]:
+    """A freshly initialised `STTSScorer`'s weights, prefixed, seeded on their own so they do
+    not depend on what else was initialised first."""
+    from stts_vllm.core import STTSScorer
+
+    torch.manual_seed(seed)
+    scorer = STTSScorer(dim=dim, hidden=hidden or dim)
+    return {SCORER_PREFIX + k: v.detach() for k, v in scorer.state_dict().items()}
+
+
+def scorer_state_dict_to_file(state_dict: Mapping[str, torch.Tensor], path: Path) -> Path:
+    """Save scorer weights as the checkpoint expects them: keys under `stts_scorer.` (added
+    where missing, so a bare `STTSScorer.state_dict()` works too), contiguous CPU tensors."""
+    tensors = {
+        (k if k.startswith(SCORER_PREFIX) else SCORER_PREFIX + k): v.detach().cpu().contiguous()
+        for k, v in state_dict.items()
+    }
+    path = Path(path)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
+def _load_scorer_file(path: Path, vit_width: int) -> tuple[list[str], int | None]:
+    """Check a scorer file before it enters a checkpoint: every key under `stts_scorer.` and the
+    tensors loadable into `STTSScorer(dim=vit_width, hidden)`. Returns the keys and the
+    `scorer_hidden_size` for the `stts` block (None when it equals the ViT width)."""
+    from stts_vllm.core import STTSScorer
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scorer weights {path} not found")
+    tensors = load_file(str(path))
+    stray = sorted(k for k in tensors if not k.startswith(SCORER_PREFIX))
+    if stray:
+        raise ValueError(
+            f"scorer weights {path}: every key must start with {SCORER_PREFIX!r}; "
+            f"found {stray[:5]}{' ...' if len(stray) > 5 else ''}"
+        )
+    first = tensors.get(SCORER_PREFIX + "mlp.0.weight")
+    hidden = int(first.shape[0]) if first is not None else vit_width
+    try:
+        STTSScorer(dim=vit_width, hidden=hidden).load_state_dict(
+            {k.removeprefix(SCORER_PREFIX): v for k, v in tensors.items()}
+        )
+    except RuntimeError as exc:
+        raise ValueError(
+            f"scorer weights {path} do not fit STTSScorer(dim={vit_width}, hidden={hidden}) "
+            f"for this ViT: {exc}"
+        ) from exc
+    return sorted(tensors), (None if hidden == vit_width else hidden)
+
+
+# --------------------------------------------------------------------------- demo pieces
+def demo_corpus(lines_per_template: int = 300) -> list[str]:
+    """Deterministic English sentences for BPE training: each template is filled by cycling
+    the word lists at different strides, so every word recurs in varied company."""
+    keys = list(_WORDS)
+    lines = []
+    for i in range(lines_per_template):
+        for j, template in enumerate(_TEMPLATES):
+            words = {
+                k: _WORDS[k][(i * (2 * n + 1) + j) % len(_WORDS[k])] for n, k in enumerate(keys)
+            }
+            words |= {k.capitalize(): v.capitalize() for k, v in words.items()}
+            lines.append(template.format(i=i, **words))
+    return lines
+
+
+def _train_bpe(vocab_size: int) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Byte-level BPE with Qwen2's exact pre-tokenizer, so the vocab and merges plug into
+    `Qwen2Tokenizer`, which rebuilds the same pipeline around them."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+    from tokenizers.models import BPE
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(demo_corpus(), trainer)
+    model = json.loads(tok.to_str())["model"]
+    return dict(model["vocab"]), [(left, right) for left, right in model["merges"]]
+
+
+def build_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerBase:
+    """A `Qwen2Tokenizer` over a freshly trained BPE: the Qwen special tokens follow the BPE
+    vocab (ids `len(bpe)..len(bpe)+7`, in `SPECIAL_TOKENS` order, as in real Qwen where they
+    follow the 151643 BPE tokens); eos `<|im_end|>`, pad `<|endoftext|>`, no bos/unk."""
+    from transformers import Qwen2Tokenizer
+
+    vocab, merges = _train_bpe(vocab_size)
+    base = len(vocab)
+    vocab |= {token: base + k for k, token in enumerate(SPECIAL_TOKENS)}
+    return Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=list(SPECIAL_TOKENS[1:]),
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=TEXT_CONFIG["max_position_embeddings"],
+    )
+
+
+def demo_config(tokenizer: PreTrainedTokenizerBase, vit_depth: int = 2) -> Qwen2_5_VLConfig:
+    """The tiny Qwen2.5-VL config (transformers v5 layout: nested `text_config` /
+    `vision_config`, `rope_parameters` with `mrope_section`), token ids from `tokenizer`."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    # deep copies: the config classes edit rope_parameters in place
+    text = copy.deepcopy(TEXT_CONFIG) | {
+        "vocab_size": vocab_size,
+        "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+        "pad_token_id": ids["<|endoftext|>"],
+    }
+    vision = copy.deepcopy(VISION_CONFIG) | {
+        "depth": vit_depth,
+        "out_hidden_size": TEXT_CONFIG["hidden_size"],
+        "fullatt_block_indexes": [vit_depth - 1],
+    }
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+
+
+def _save_random_weights(config: Qwen2_5_VLConfig, out: Path, seed: int) -> None:
+    """transformers' own random init under a fixed seed: same seed, same bytes."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
+    if bad:
+        raise RuntimeError(f"random init produced non-finite weights: {bad[:5]}")
+    model.save_pretrained(out)
+
+
+def _save_processor(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Processor, tokenizer and chat template, loadable by `AutoProcessor` and vLLM offline.
+
+    `cap_pixels_per_frame=False` keeps the per-frame resize that vLLM's own placeholder count
+    (`smart_resize` per frame) assumes, and silences transformers' v5.22 deprecation warning.
+    The template lands in `chat_template.jinja` (v5's place, read by the processor and by
+    vLLM) and also in `tokenizer_config.json` for tools that read only that file.
+    """
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    pixels = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**pixels),
+        video_processor=Qwen2VLVideoProcessor(**pixels, cap_pixels_per_frame=False),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tokenizer_config_path = out / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_path.read_text())
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    _write_json(tokenizer_config_path, tokenizer_config)
+
+
+def _save_generation_config(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Greedy by default in HF `generate`. (vLLM takes only sampling knobs such as temperature
+    from this file, and transformers refuses to save `top_k` next to `do_sample=False`, so vLLM
+    callers still ask for `temperature=0` themselves.)"""
+    from transformers import GenerationConfig
+
+    end, eos = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    GenerationConfig(
+        do_sample=False, bos_token_id=end, eos_token_id=eos, pad_token_id=end
+    ).save_pretrained(out)
+
+
+def make_demo(
+    out: Path,
+    *,
+    seed: int = 0,
+    keep_ratio: float = 0.5,
+    prune_at: int = 0,
+    scorer: str = "heuristic",
+    vit_depth: int = 2,
+    scorer_hidden_size: int | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Build a tiny random STTS Qwen2.5-VL checkpoint at `out`, fully offline.
+
+    The model's weights depend only on `seed` (byte-identical across builds); with
+    `scorer="learned"` a randomly initialised scorer (same seed) is saved as
+    `stts_scorer.safetensors`. Returns `out`.
+    """
+    if isinstance(vit_depth, bool) or not isinstance(vit_depth, int) or vit_depth < 2:
+        raise ValueError(f"vit_depth must be an integer >= 2, got {vit_depth!r}")
+    stts = STTSConfig(
+        keep_ratio=keep_ratio,
+        prune_at=prune_at,
+        scorer=scorer,  # type: ignore[arg-type]  # validated by STTSConfig
+        scorer_hidden_size=scorer_hidden_size,
+    )
+    stts.check_vit_depth(vit_depth)
+    out = _prepare_out(out, overwrite)
+
+    tokenizer = build_tokenizer()
+    config = demo_config(tokenizer, vit_depth)
+    _save_random_weights(config, out, seed)
+    _save_processor(tokenizer, out)
+    _save_generation_config(tokenizer, out)
+    if stts.scorer == "learned":
+        weights = random_scorer_state_dict(VISION_CONFIG["hidden_size"], scorer_hidden_size, seed)
+        scorer_state_dict_to_file(weights, out / SCORER_FILE)
+
+    set_architecture(out, STTS_ARCHITECTURE)
+    write_stts_block(out, stts.to_dict())
+    return out
+
+
+# --------------------------------------------------------------------------- convert
+def _read_source_config(src: Path) -> dict[str, Any]:
+    """The source's config, after checking it is a Qwen2.5-VL (stock or already STTS) one."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"source checkpoint directory {src} not found")
+    if not (src / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{src} has no {CONFIG_FILE}; not a HF checkpoint directory")
+    config = read_config(src)
+    archs = config.get("architectures") or []
+    if not set(archs) & {STOCK_ARCHITECTURE, STTS_ARCHITECTURE}:
+        raise ValueError(
+            f"{src / CONFIG_FILE}: architectures {archs} is not Qwen2.5-VL; expected "
+            f"{STOCK_ARCHITECTURE!r} (or an STTS checkpoint, {STTS_ARCHITECTURE!r})"
+        )
+    return config
+
+
+def _link_source_files(src: Path, out: Path) -> None:
+    """Symlink everything of `src` into `out` except what conversion rewrites: the config,
+    the shard index, and any previous scorer (the conversion defines the scorer anew)."""
+    rewritten = {CONFIG_FILE, INDEX_FILE, SCORER_FILE}
+    for entry in sorted(src.iterdir()):
+        if entry.name not in rewritten:
+            os.symlink(entry.absolute(), out / entry.name)
+
+
+def _write_index(src_index: Path, out_index: Path, scorer_keys: list[str]) -> None:
+    """vLLM loads only the shards an index names, so the scorer file must be in the index;
+    a previous scorer's entries are replaced."""
+    index = json.loads(src_index.read_text())
+    weight_map = {k: v for k, v in index.get("weight_map", {}).items() if v != SCORER_FILE}
+    weight_map |= dict.fromkeys(scorer_keys, SCORER_FILE)
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    _write_json(out_index, index)
+
+
+def convert(
+    src: Path,
+    out: Path,
+    *,
+    keep_ratio: float = 0.5,
+    prune_at: int = 3,
+    scorer_weights: Path | None = None,
+    bias_floor: float = -2.0,
+    overwrite: bool = False,
+) -> Path:
+    """Make `out` an STTS view of the stock Qwen2.5-VL checkpoint `src` without copying weights.
+
+    Every file of `src` is symlinked except `config.json` (rewritten with the STTS
+    architecture and `stts` block) and the shard index (rewritten to include the scorer).
+    The scorer is `learned` when `scorer_weights` is given (copied in as
+    `stts_scorer.safetensors`), else `heuristic`. Everything is validated before `out` is
+    touched. Returns `out`.
+    """
+    src = Path(src)
+    config = _read_source_config(src)
+    scorer_keys: list[str] = []
+    scorer_hidden: int | None = None
+    if scorer_weights is not None:
+        scorer_keys, scorer_hidden = _load_scorer_file(Path(scorer_weights), _vit_width(config))
+    stts = STTSConfig(
+        keep_ratio=keep_ratio,
+        prune_at=prune_at,
+        scorer="learned" if scorer_weights is not None else "heuristic",
+        bias_floor=bias_floor,
+        scorer_hidden_size=scorer_hidden,
+    )
+    stts.check_vit_depth(_vit_depth(config))
+    out = _prepare_out(out, overwrite, protect=src)
+
+    _link_source_files(src, out)
+    if scorer_weights is not None:
+        shutil.copyfile(scorer_weights, out / SCORER_FILE)
+    if (src / INDEX_FILE).is_file():
+        _write_index(src / INDEX_FILE, out / INDEX_FILE, scorer_keys)
+    config["architectures"] = [STTS_ARCHITECTURE]
+    config["stts"] = stts.to_dict()
+    _write_json(out / CONFIG_FILE, config)
+    return out

@@ -1,0 +1,123 @@
+"""`stts-vllm`: build the demo checkpoint, convert a stock one, serve the demo.
+
+Flags and `STTS_*` environment variables both work (pydantic-settings), e.g.
+`stts-vllm make-demo artifacts/demo --keep-ratio 0.5` or `STTS_PORT=9000 stts-vllm serve-demo D`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from pydantic_settings import (
+    BaseSettings,
+    CliApp,
+    CliPositionalArg,
+    CliSubCommand,
+    SettingsConfigDict,
+)
+
+
+class MakeDemo(BaseModel):
+    """Build the tiny random STTS Qwen2.5-VL checkpoint (offline, deterministic by seed)."""
+
+    out: CliPositionalArg[Path]
+    seed: int = 0
+    keep_ratio: float = 0.5
+    prune_at: int = 0
+    scorer: Literal["heuristic", "learned"] = "heuristic"
+    overwrite: bool = True
+
+    def cli_cmd(self) -> None:
+        from stts_vllm.checkpoint import make_demo
+
+        path = make_demo(
+            self.out,
+            seed=self.seed,
+            keep_ratio=self.keep_ratio,
+            prune_at=self.prune_at,
+            scorer=self.scorer,
+        )
+        print(f"demo checkpoint: {path}")
+
+
+class Convert(BaseModel):
+    """Turn a stock Qwen2.5-VL directory into an STTS one (weights linked, not copied)."""
+
+    src: CliPositionalArg[Path]
+    out: CliPositionalArg[Path]
+    keep_ratio: float = 0.5
+    prune_at: int = 3
+    scorer_weights: Path | None = Field(None, description="safetensors of a trained scorer")
+    overwrite: bool = False
+
+    def cli_cmd(self) -> None:
+        from stts_vllm.checkpoint import convert
+
+        path = convert(
+            self.src,
+            self.out,
+            keep_ratio=self.keep_ratio,
+            prune_at=self.prune_at,
+            scorer_weights=self.scorer_weights,
+            overwrite=self.overwrite,
+        )
+        print(f"STTS checkpoint: {path}")
+
+
+class ServeDemo(BaseModel):
+    """Serve a checkpoint with vLLM's own OpenAI server, CPU-friendly settings."""
+
+    model: CliPositionalArg[Path]
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_model_len: int = 16384
+
+    def cli_cmd(self) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        argv = [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(self.model),
+            "--served-model-name",
+            "stts-demo",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-model-len",
+            str(self.max_model_len),
+            "--limit-mm-per-prompt",
+            '{"image": 4, "video": 2}',
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+        ]
+        os.execv(sys.executable, argv)
+
+
+class Main(BaseSettings):
+    """STTS video token pruning for vLLM."""
+
+    model_config = SettingsConfigDict(env_prefix="STTS_", cli_kebab_case=True)
+
+    make_demo: CliSubCommand[MakeDemo]
+    convert: CliSubCommand[Convert]
+    serve_demo: CliSubCommand[ServeDemo]
+
+    def cli_cmd(self) -> None:
+        CliApp.run_subcommand(self)
+
+
+def main(argv: list[str] | None = None) -> None:
+    CliApp.run(Main, cli_args=sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

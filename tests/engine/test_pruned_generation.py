@@ -1,0 +1,185 @@
+"""keep_ratio < 1 through the real engine: placeholder counts, positions, mixed batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from media import chat_prompt, image, moving_square_video, video_item
+
+from stts_vllm import qwen2_5_vl
+from stts_vllm.core import mrope_positions, retained_count
+from tests.engine.conftest import live_model
+
+VIDEO_TOKEN, IMAGE_TOKEN, VISION_START = 1007, 1006, 1003
+
+
+def _units(frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Grid in units as the demo processor sizes it (multiples of 28 px; 2 frames a step)."""
+    return (frames + 1) // 2, height // 28, width // 28
+
+
+def _generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int = 6) -> list[Any]:
+    from vllm import SamplingParams
+
+    return llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False
+    )
+
+
+def _video_prompt(frames: int, h: int, w: int, keep: float | None = None, seed: int = 0) -> dict:
+    prompt: dict[str, Any] = {
+        "prompt": chat_prompt("video"),
+        "multi_modal_data": {"video": [video_item(moving_square_video(frames, h, w, seed=seed))]},
+    }
+    if keep is not None:
+        prompt["mm_processor_kwargs"] = {"stts_keep_ratio": keep}
+    return prompt
+
+
+@pytest.fixture
+def llm(engines, demo_ckpt: Path) -> Any:
+    return engines.get(demo_ckpt)
+
+
+class Recorder:
+    """Spies on the real code paths (they still run): the keep masks the vision tower chose
+    and the M-RoPE positions the runner ends up with."""
+
+    def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.masks: list[torch.Tensor | None] = []
+        self.positions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        forward, recompute = qwen2_5_vl.pruned_vision_forward, model.recompute_mrope_positions
+
+        def recording_forward(*args: Any, **kwargs: Any) -> Any:
+            out = forward(*args, **kwargs)
+            self.masks.extend(out.keep_masks)
+            return out
+
+        def recording_recompute(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+            out = recompute(input_ids, *args, **kwargs)
+            self.positions.append((torch.as_tensor(input_ids).cpu(), out[1].cpu().clone()))
+            return out
+
+        monkeypatch.setattr(qwen2_5_vl, "pruned_vision_forward", recording_forward)
+        monkeypatch.setattr(model, "recompute_mrope_positions", recording_recompute)
+
+
+def _check_video_positions(
+    ids: torch.Tensor,
+    positions: torch.Tensor,
+    grid: tuple[int, int, int],
+    mask: torch.Tensor,
+    start: int,
+    t_factor: float = 2.0,
+) -> int:
+    """Positions of the video starting at token `start` are exactly its kept units' original
+    (t, h, w); returns the index after its placeholder run."""
+    assert int(ids[start]) == VISION_START
+    base = int(positions[0, start]) + 1
+    first = start + 1
+    count = int(mask.sum())
+    assert (
+        ids[first : first + count].eq(VIDEO_TOKEN).all() and int(ids[first + count]) != VIDEO_TOKEN
+    )
+    full = mrope_positions(*grid, t_factor)
+    assert torch.equal(positions[:, first : first + count] - base, full[:, mask])
+    # text after the video resumes where the unpruned video would have ended
+    assert (positions[:, first + count] == base + int(full.max()) + 1).all()
+    return first + count
+
+
+def test_placeholder_count_is_the_count_function(llm: Any) -> None:
+    out_default, out_03 = _generate(
+        llm, [_video_prompt(12, 140, 196), _video_prompt(12, 140, 196, keep=0.3, seed=1)]
+    )
+    t, h, w = _units(12, 140, 196)
+    assert out_default.prompt_token_ids.count(VIDEO_TOKEN) == retained_count(t, h * w, 0.5)
+    assert out_03.prompt_token_ids.count(VIDEO_TOKEN) == retained_count(t, h * w, 0.3)
+    assert retained_count(t, h * w, 0.3) < retained_count(t, h * w, 0.5) < t * h * w
+    assert all(len(o.outputs[0].token_ids) > 0 for o in (out_default, out_03))
+
+
+def test_kept_units_keep_their_original_positions(
+    llm: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rec = Recorder(live_model(llm), monkeypatch)
+    (out,) = _generate(llm, [_video_prompt(10, 168, 224, keep=0.5, seed=2)])
+    (mask,) = rec.masks
+    assert mask is not None and int(mask.sum()) == out.prompt_token_ids.count(VIDEO_TOKEN)
+    ids, positions = rec.positions[-1]
+    start = out.prompt_token_ids.index(VISION_START)
+    _check_video_positions(ids, positions, _units(10, 168, 224), mask, start)
+
+
+def test_two_pruned_videos_in_one_prompt(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stock vLLM (EVS too) advances positions by the unpruned size and fails here."""
+    rec = Recorder(live_model(llm), monkeypatch)
+    videos = [
+        video_item(moving_square_video(8, 112, 168, seed=3)),
+        video_item(moving_square_video(6, 196, 140, seed=4)),
+    ]
+    (out,) = _generate(
+        llm, [{"prompt": chat_prompt("video", "video"), "multi_modal_data": {"video": videos}}]
+    )
+    assert len(out.outputs[0].token_ids) > 0
+    ids, positions = rec.positions[-1]
+    first = out.prompt_token_ids.index(VISION_START)
+    end = _check_video_positions(ids, positions, _units(8, 112, 168), rec.masks[0], first)
+    second = out.prompt_token_ids.index(VISION_START, end)
+    _check_video_positions(ids, positions, _units(6, 196, 140), rec.masks[1], second)
+
+
+def test_long_video_positions_stay_exact(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """t positions beyond 256 (where bfloat16 stops being exact) arrive unchanged."""
+    rec = Recorder(live_model(llm), monkeypatch)
+    (out,) = _generate(llm, [_video_prompt(300, 56, 56, keep=0.5, seed=5)], max_tokens=2)
+    ids, positions = rec.positions[-1]
+    grid = _units(300, 56, 56)
+    assert int(mrope_positions(*grid, 2.0)[0].max()) > 256
+    _check_video_positions(
+        ids, positions, grid, rec.masks[0], out.prompt_token_ids.index(VISION_START)
+    )
+
+
+def test_mixed_batch(llm: Any) -> None:
+    """Images, videos of different lengths and keep ratios, text-only: one generate()."""
+    prompts = [
+        {
+            "prompt": chat_prompt("image", "video"),
+            "multi_modal_data": {
+                "image": [image(112, 140)],
+                "video": [video_item(moving_square_video(6, 112, 112, seed=6))],
+            },
+        },
+        _video_prompt(16, 140, 196, keep=0.5, seed=7),
+        {"prompt": chat_prompt(question="Say something.")},
+        _video_prompt(4, 84, 84, keep=1.0, seed=8),
+        _video_prompt(20, 56, 84, keep=0.3, seed=9),
+    ]
+    outputs = _generate(llm, prompts)
+    expected_video_tokens = [
+        retained_count(3, 16, 0.5),
+        retained_count(8, 35, 0.5),
+        0,
+        retained_count(2, 9, 1.0),
+        retained_count(10, 6, 0.3),
+    ]
+    for out, expected in zip(outputs, expected_video_tokens, strict=True):
+        assert out.prompt_token_ids.count(VIDEO_TOKEN) == expected
+        assert len(out.outputs[0].token_ids) > 0
+    assert outputs[0].prompt_token_ids.count(IMAGE_TOKEN) == 4 * 5
+
+
+@pytest.mark.parametrize("keep", [0.0, 1.5, "half"])
+def test_bad_request_keep_ratio_is_refused(llm: Any, keep: object) -> None:
+    with pytest.raises(ValueError, match="stts_keep_ratio"):
+        _generate(llm, [_video_prompt(4, 56, 56, keep=keep)])  # type: ignore[arg-type]
+
+
+def test_cpu_runner_runs_in_pruning_mode(llm: Any) -> None:
+    """The CPU runner patch: without it pruned positions are never recomputed on CPU."""
+    flags = llm.collective_rpc(lambda worker: worker.model_runner.is_multimodal_pruning_enabled)
+    assert flags == [True]

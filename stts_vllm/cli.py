@@ -27,7 +27,7 @@ class MakeDemo(BaseModel):
     out: CliPositionalArg[Path]
     seed: int = 0
     keep_ratio: float = 0.5
-    prune_at: int = 0
+    prune_at: int = 1
     scorer: Literal["heuristic", "learned"] = "heuristic"
     overwrite: bool = True
 

@@ -71,12 +71,13 @@ def test_demo_config_and_stts_block(demo: Path) -> None:
     assert config["architectures"] == [STTS_ARCHITECTURE]
     assert config["stts"] == {
         "keep_ratio": 0.5,
-        "prune_at": 0,
+        "prune_at": 1,
         "scorer": "heuristic",
         "bias_floor": -2.0,
         "scorer_hidden_size": None,
     }
-    assert config["vision_config"]["fullatt_block_indexes"] == [1]
+    assert config["vision_config"]["depth"] == 4
+    assert config["vision_config"]["fullatt_block_indexes"] == [3]
     assert config["text_config"]["rope_parameters"]["mrope_section"] == [4, 6, 6]
     assert not (demo / SCORER_FILE).exists()
 

@@ -31,3 +31,43 @@ def decode_positions(columns: torch.Tensor) -> torch.Tensor:
     `recompute_mrope_positions` expects."""
     digits = columns.round().long().reshape(-1, 4, 2)
     return (digits[..., 0] * _BASE + digits[..., 1]).T
+
+
+def media_runs(media: torch.Tensor) -> list[tuple[int, int]]:
+    """`[start, end)` of each run of media placeholder tokens; one run per media item (items
+    are always separated by their vision start/end tokens)."""
+    flags = media.to(torch.int8)
+    edges = torch.diff(flags, prepend=flags.new_zeros(1), append=flags.new_zeros(1))
+    starts = (edges == 1).nonzero().flatten().tolist()
+    ends = (edges == -1).nonzero().flatten().tolist()
+    return list(zip(starts, ends, strict=True))
+
+
+def place_media_positions(
+    media: torch.Tensor,
+    media_positions: list[torch.Tensor],
+    positions: torch.Tensor,
+    num_computed_tokens: int,
+) -> torch.Tensor:
+    """Write kept media tokens' own (t, h, w) into a prompt's `[3, N]` M-RoPE positions.
+
+    `media` flags the prompt's placeholder tokens; `media_positions[i]` (`[4, n_i]`, decoded
+    columns) belongs to the i-th media slice the runner scheduled in this chunk: the items
+    whose run ends after `num_computed_tokens`, the first possibly entered mid-way. Text
+    positions are already exact (the prompt's initial positions advance each item by its
+    unpruned extent), so only placeholder columns change; each item's positions are relative
+    to the token after its vision start. Works for any chunking of the prompt.
+    """
+    out = positions.clone()
+    pending = [(s, e) for s, e in media_runs(media) if e > num_computed_tokens]
+    for item, (start, end) in zip(media_positions, pending, strict=False):
+        first = max(start, num_computed_tokens)
+        count = item.shape[1]
+        if first + count > end:
+            raise ValueError(
+                f"media slice of {count} tokens overruns its placeholder "
+                f"[{start}, {end}) from {first}"
+            )
+        base = out[0, start - 1] + 1
+        out[:, first : first + count] = item[:3].to(out.device) + base
+    return out

@@ -30,13 +30,17 @@ from vllm.multimodal.inputs import (
 )
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
-from vllm.multimodal.video_prune.evs import recompute_mrope_positions
 from vllm.utils.tensor_schema import TensorShape
 
 from stts_vllm.core import STTSConfig, STTSScorer, mrope_positions, retained_count
 from stts_vllm.core.config import STTSConfigError, check_keep_ratio
 from stts_vllm.plugin import STTS_ARCHITECTURE
-from stts_vllm.positions import POSITION_COLUMNS, decode_positions, encode_positions
+from stts_vllm.positions import (
+    POSITION_COLUMNS,
+    decode_positions,
+    encode_positions,
+    place_media_positions,
+)
 from stts_vllm.pruned_vision import install_key_bias, pruned_vision_forward
 
 logger = init_logger(__name__)
@@ -241,21 +245,17 @@ class STTSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         mrope_positions: torch.LongTensor,
         num_computed_tokens: int,
     ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
-        embeddings = multimodal_embeddings
-        device = embeddings[0].device if embeddings else mrope_positions.device
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=device)
+        """Strip the position columns and place kept tokens at their own (t, h, w).
+
+        Replaces vLLM's `recompute_mrope_positions`, which fails when a prefill chunk ends
+        between a vision-start token and its first media token."""
+        ids = torch.as_tensor(input_ids).cpu()
+        media = ids.eq(self.config.image_token_id) | ids.eq(self.config.video_token_id)
         embeds = [mm[:, :-POSITION_COLUMNS] for mm in multimodal_embeddings]
-        positions = [decode_positions(mm[:, -POSITION_COLUMNS:]) for mm in multimodal_embeddings]
-        new_positions, delta = recompute_mrope_positions(
-            ids,
-            positions,
-            mrope_positions,
-            num_computed_tokens,
-            self.config.vision_start_token_id,
-            self.config.image_token_id,
-            self.config.video_token_id,
-        )
-        return embeds, new_positions, delta
+        carried = [decode_positions(mm[:, -POSITION_COLUMNS:]) for mm in multimodal_embeddings]
+        positions = place_media_positions(media, carried, mrope_positions, num_computed_tokens)
+        delta = int(positions.max()) + 1 - len(ids) if positions.numel() else 0
+        return embeds, positions, delta
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]

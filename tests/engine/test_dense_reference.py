@@ -116,7 +116,7 @@ def _pixels(grids: list, seed: int) -> torch.Tensor:
     return torch.cat(items)
 
 
-@pytest.fixture(params=["heuristic", "learned"])
+@pytest.fixture(scope="module", params=["heuristic", "learned"])
 def model(request: pytest.FixtureRequest, engines, demo_ckpt: Path, learned_ckpt: Path) -> Any:
     ckpt = demo_ckpt if request.param == "heuristic" else learned_ckpt
     model = live_model(engines.get(ckpt))

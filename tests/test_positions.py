@@ -1,0 +1,73 @@
+"""Position columns carried with media embeddings, and placing them into a prompt."""
+
+import itertools
+
+import pytest
+import torch
+
+from stts_vllm.core import mrope_positions
+from stts_vllm.positions import (
+    decode_positions,
+    encode_positions,
+    media_runs,
+    place_media_positions,
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_positions_survive_low_precision_embeddings(dtype: torch.dtype) -> None:
+    positions = mrope_positions(400, 3, 5, 2.0)  # t up to 798: not exact in bf16 as is
+    like = torch.zeros(1, dtype=dtype)
+    decoded = decode_positions(encode_positions(positions, like))
+    assert torch.equal(decoded[:3], positions)
+    assert decoded[3].unique().tolist() == [int(positions.max()) + 1]  # where text resumes
+
+
+def test_positions_beyond_the_carrier_range_are_refused() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        encode_positions(torch.tensor([[70000], [0], [0]]), torch.zeros(1))
+
+
+def test_media_runs() -> None:
+    media = torch.tensor([0, 1, 1, 0, 0, 1, 0, 1, 1, 1])
+    assert media_runs(media.bool()) == [(1, 3), (5, 6), (7, 10)]
+
+
+def _prompt() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """text(2) <start> media(4) <end> text(1) <start> media(3) <end> text(2)."""
+    media = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 0, 0, 0]).bool()
+    initial = torch.arange(16).expand(3, -1).clone()  # placeholder columns get overwritten
+    items = [
+        torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1], [0, 0, 0, 0], [2, 2, 2, 2]]),
+        torch.tensor([[0, 2, 4], [1, 1, 0], [0, 1, 1], [5, 5, 5]]),
+    ]
+    return media, initial, items
+
+
+def test_place_whole_prompt() -> None:
+    media, initial, items = _prompt()
+    placed = place_media_positions(media, items, initial, num_computed_tokens=0)
+    assert placed[:, 3:7].tolist() == (items[0][:3] + 3).tolist()  # base: vision start (2) + 1
+    assert placed[:, 10:13].tolist() == (items[1][:3] + 10).tolist()
+    assert torch.equal(placed[:, ~media], initial[:, ~media])  # text untouched
+
+
+def test_place_in_chunks_matches_whole_prompt() -> None:
+    media, initial, items = _prompt()
+    whole = place_media_positions(media, items, initial, 0)
+    for boundaries in ([0, 3, 16], [0, 5, 11, 16], [0, 4, 8, 12, 16], [0, 7, 16]):
+        positions = initial
+        for lo, hi in itertools.pairwise(boundaries):
+            slices = []
+            for (start, end), item in zip(media_runs(media), items, strict=True):
+                a, b = max(start, lo), min(end, hi)
+                if a < b:
+                    slices.append(item[:, a - start : b - start])
+            positions = place_media_positions(media, slices, positions, lo)
+        assert torch.equal(positions, whole), boundaries
+
+
+def test_slice_longer_than_its_placeholder_is_refused() -> None:
+    media, initial, _items = _prompt()
+    with pytest.raises(ValueError, match="overruns"):
+        place_media_positions(media, [torch.zeros(4, 9, dtype=torch.long)], initial, 0)

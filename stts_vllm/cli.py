@@ -29,7 +29,7 @@ class MakeDemo(BaseModel):
     keep_ratio: float = 0.5
     prune_at: int = 1
     scorer: Literal["heuristic", "learned"] = "heuristic"
-    overwrite: bool = True
+    vit_depth: int = 4
 
     def cli_cmd(self) -> None:
         from stts_vllm.checkpoint import make_demo
@@ -40,6 +40,8 @@ class MakeDemo(BaseModel):
             keep_ratio=self.keep_ratio,
             prune_at=self.prune_at,
             scorer=self.scorer,
+            vit_depth=self.vit_depth,
+            overwrite=True,
         )
         print(f"demo checkpoint: {path}")
 
@@ -75,6 +77,9 @@ class ServeDemo(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     max_model_len: int = 16384
+    trust_request_mm_kwargs: bool = Field(
+        True, description="let clients send mm_processor_kwargs (the per-request stts_keep_ratio)"
+    )
 
     def cli_cmd(self) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -99,6 +104,8 @@ class ServeDemo(BaseModel):
             "--port",
             str(self.port),
         ]
+        if self.trust_request_mm_kwargs:
+            argv.append("--trust-request-mm-kwargs")
         os.execv(sys.executable, argv)
 
 

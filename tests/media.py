@@ -53,3 +53,23 @@ def chat_prompt(*parts: str, question: str = "What happens in the video?") -> st
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n{media}{question}<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def encode_mp4(frames: np.ndarray, fps: int = 4) -> bytes:
+    """Frames -> an H.264 (or MPEG-4 part 2, if x264 is missing) mp4, in memory, with PyAV."""
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()

@@ -167,17 +167,11 @@ def pruned_vision_forward(
         "window": _varlen_metadata(visual, dense.cu_window_seqlens),
     }
 
-    def run_block(index: int, x: torch.Tensor, meta_by_kind: dict, c, s) -> torch.Tensor:
-        kind = "full" if index in visual.fullatt_block_indexes else "window"
-        m = meta_by_kind[kind]
-        return visual.blocks[index](
-            x,
-            cu_seqlens=m["cu_seqlens"],
-            rotary_pos_emb_cos=c,
-            rotary_pos_emb_sin=s,
-            max_seqlen=m["max_seqlen"],
-            sequence_lengths=m["sequence_lengths"],
-        )
+    def run_block(
+        index: int, x: torch.Tensor, layout: dict, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        attention = layout["full" if index in visual.fullatt_block_indexes else "window"]
+        return visual.blocks[index](x, rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **attention)
 
     for index in range(biased):
         hidden = run_block(index, hidden, dense_meta, cos, sin)

@@ -126,7 +126,9 @@ class STTSQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         def video_tokens(item_idx: int, token: int) -> list[int]:
             item = out_mm_kwargs["video"][item_idx]
             t, h, w = (int(x) for x in item["video_grid_thw"].data)
-            keep_ratio = float(item[KEEP_RATIO_KWARG].data)
+            # Precomputed video embeddings bypass the HF processor: nothing to prune there.
+            keep = item.get(KEEP_RATIO_KWARG)
+            keep_ratio = 1.0 if keep is None else float(keep.data)
             return [token] * retained_count(t, (h // merge) * (w // merge), keep_ratio)
 
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from media import chat_prompt, moving_square_video, video_item
 from safetensors.torch import load_file
+from vllm import SamplingParams
 
 from stts_vllm.core import retained_count
 from tests.engine.conftest import live_model
@@ -74,3 +75,25 @@ def test_learned_scorer_generates_with_pruned_counts(learned: Any) -> None:
     for out, count in zip(outputs, expected, strict=True):
         assert out.prompt_token_ids.count(VIDEO_TOKEN) == count
         assert len(out.outputs[0].token_ids) > 0
+
+
+def test_learned_scorer_keeps_original_positions(
+    learned: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.engine.test_pruned_generation import (
+        VISION_START,
+        Recorder,
+        _check_video_positions,
+        _units,
+    )
+
+    rec = Recorder(live_model(learned), monkeypatch)
+    frames = moving_square_video(10, 168, 224, seed=14)
+    (out,) = learned.generate(
+        [{"prompt": chat_prompt("video"), "multi_modal_data": {"video": [video_item(frames)]}}],
+        SamplingParams(temperature=0, max_tokens=2),
+        use_tqdm=False,
+    )
+    ids, positions = rec.positions[-1]
+    start = out.prompt_token_ids.index(VISION_START)
+    _check_video_positions(ids, positions, _units(10, 168, 224), rec.masks[0], start)

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front end: routes, schemas, video decoding, metrics."""

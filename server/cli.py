@@ -1,0 +1,31 @@
+"""`stts-serve`: the server's entry point (flags or `STTS_*` environment variables)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from pydantic_settings import CliApp
+
+from server.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not (settings.model / "config.json").exists():
+        raise SystemExit(f"no checkpoint at {settings.model} (make one: stts-vllm make-demo DIR)")
+    from server.app import create_app
+
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=10
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""vLLM's async engine, in this process, with the STTS plugin; and what the routes need to
+know about the served checkpoint (chat template, processor geometry, STTS defaults)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from server.frame_sampling import VisionGeometry
+from server.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Read from the checkpoint directory before the engine starts."""
+
+    is_stts: bool
+    default_keep_ratio: float
+    geometry: VisionGeometry
+
+
+def read_model_facts(settings: Settings) -> ModelFacts:
+    from stts_vllm.plugin import STTS_ARCHITECTURE
+
+    config = json.loads((settings.model / "config.json").read_text())
+    processor = (
+        json.loads((settings.model / "processor_config.json").read_text())
+        if (settings.model / "processor_config.json").exists()
+        else {}
+    )
+    video = processor.get("video_processor") or {}
+    if not video and (settings.model / "preprocessor_config.json").exists():
+        video = json.loads((settings.model / "preprocessor_config.json").read_text())
+    size = video.get("size") or {}
+    geometry = VisionGeometry(
+        patch_size=int(video.get("patch_size", 14)),
+        merge_size=int(video.get("merge_size", 2)),
+        temporal_patch_size=int(video.get("temporal_patch_size", 2)),
+        min_pixels=int(
+            settings.frame_min_pixels or size.get("shortest_edge") or video.get("min_pixels", 3136)
+        ),
+        max_pixels=int(
+            settings.frame_max_pixels or size.get("longest_edge") or video.get("max_pixels", 200704)
+        ),
+    )
+    is_stts = STTS_ARCHITECTURE in config.get("architectures", [])
+    keep = float((config.get("stts") or {}).get("keep_ratio", 1.0)) if is_stts else 1.0
+    return ModelFacts(is_stts=is_stts, default_keep_ratio=keep, geometry=geometry)
+
+
+class EngineService:
+    """Owns the `AsyncLLM`; started in the app lifespan, shut down with it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.facts = read_model_facts(settings)
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self.ready = asyncio.Event()
+
+    def _engine_args(self) -> Any:
+        from vllm import AsyncEngineArgs
+
+        s = self.settings
+        return AsyncEngineArgs(
+            model=str(s.model),
+            served_model_name=[s.served_model_name],
+            dtype=s.dtype,
+            max_model_len=s.max_model_len,
+            tensor_parallel_size=s.tensor_parallel_size,
+            pipeline_parallel_size=s.pipeline_parallel_size,
+            enforce_eager=s.enforce_eager,
+            gpu_memory_utilization=s.gpu_memory_utilization,
+            max_num_seqs=s.max_num_seqs,
+            limit_mm_per_prompt={
+                "image": s.limit_images_per_prompt,
+                "video": s.limit_videos_per_prompt,
+            },
+            disable_log_stats=False,
+        )
+
+    async def start(self) -> None:
+        from transformers import AutoTokenizer
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self._engine_args()
+        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.settings.model)
+        self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        self.ready.set()
+        logger.info("engine ready: %s (STTS: %s)", self.settings.model, self.facts.is_stts)
+
+    async def stop(self) -> None:
+        self.ready.clear()
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def render(self, messages: list[dict[str, Any]]) -> str:
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+
+    def generate(self, prompt: dict[str, Any], params: Any, request_id: str) -> AsyncIterator[Any]:
+        return self.engine.generate(prompt, params, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self.engine is not None:
+            await self.engine.abort(request_id)

@@ -1,0 +1,287 @@
+"""From a message's media URL to frames the engine can take.
+
+Sources: `data:` URLs (base64), `file-…` ids of uploads, `file://` under a configured media
+root, and `http(s)://` only for allowlisted hosts that resolve to public addresses. Videos are
+probed, planned (`frame_sampling`), decoded in a worker thread, and cached by content digest
+and plan, so repeated questions about one video skip decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import hashlib
+import io
+import ipaddress
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import httpx
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from server import metrics
+from server.file_store import FileStore
+from server.frame_sampling import FramePlan, VisionGeometry, frame_size, plan_frames
+from server.media_errors import MediaError
+from server.settings import Settings
+from server.video_decode import DecodedVideo, VideoInfo, decode, probe
+
+
+@dataclass(frozen=True)
+class MediaBytes:
+    data: bytes | Path
+    mime: str | None
+    digest: str
+
+
+@dataclass(frozen=True)
+class LoadedVideo:
+    frames: np.ndarray
+    fps: float  # of the sampled frames, as the model's time axis sees them
+    duration: float | None
+    plan: FramePlan
+    cache_hit: bool
+    digest: str
+
+
+class DecodedCache:
+    """LRU of decoded frame stacks, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, DecodedVideo] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: tuple) -> DecodedVideo | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple, video: DecodedVideo) -> None:
+        if key in self._items or video.frames.nbytes > self.max_bytes:
+            return
+        self._items[key] = video
+        self._bytes += video.frames.nbytes
+        while self._bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= old.frames.nbytes
+
+
+def _parse_data_url(url: str, max_bytes: int) -> tuple[bytes, str]:
+    header, sep, payload = url.partition(",")
+    if not sep or not header.startswith("data:"):
+        raise MediaError("invalid_data_url", "malformed data URL (expected data:<mime>;base64,…)")
+    mime, *params = header[5:].split(";")
+    if "base64" not in params:
+        raise MediaError("invalid_data_url", "data URLs must be base64-encoded")
+    if len(payload) * 3 // 4 > max_bytes:
+        raise MediaError("media_too_large", f"media exceeds the {max_bytes} byte limit", 413)
+    try:
+        data = binascii.a2b_base64(payload.strip())
+    except binascii.Error as exc:
+        raise MediaError("invalid_base64", f"data URL payload is not valid base64 ({exc})") from exc
+    if not data:
+        raise MediaError("empty_media", "data URL carries no data")
+    return data, mime.strip().lower()
+
+
+def _check_public_host(host: str) -> None:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError as exc:
+        raise MediaError("unresolvable_host", f"cannot resolve {host!r}") from exc
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise MediaError("forbidden_url", f"{host!r} resolves to a non-public address")
+
+
+class MediaLoader:
+    def __init__(self, settings: Settings, files: FileStore, geometry: VisionGeometry) -> None:
+        self.settings = settings
+        self.files = files
+        self.geometry = geometry
+        self.cache = DecodedCache(settings.decoded_cache_bytes)
+
+    # -- sources --
+
+    async def fetch(self, url: str) -> MediaBytes:
+        limit = self.settings.max_video_bytes
+        if url.startswith("data:"):
+            data, mime = _parse_data_url(url, limit)
+            return MediaBytes(data, mime, hashlib.sha256(data).hexdigest())
+        if url.startswith("file-"):
+            record = self.files.get(url)
+            return MediaBytes(self.files.data_path(record.id), None, self.files.digest(record.id))
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            return await self._local_file(Path(unquote(parsed.path)))
+        if parsed.scheme in ("http", "https"):
+            return await self._remote(url, parsed.hostname or "")
+        raise MediaError(
+            "unsupported_url",
+            "media URL must be a data: URL, an uploaded file id (file-…), "
+            "or an allowed http(s)/file URL",
+        )
+
+    async def _local_file(self, path: Path) -> MediaBytes:
+        root = self.settings.media_root
+        if root is None:
+            raise MediaError("forbidden_url", "file:// URLs are disabled (no media root set)")
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root.resolve()) or not resolved.is_file():
+            raise MediaError("forbidden_url", "file:// URL is outside the media root or missing")
+        data = await asyncio.to_thread(resolved.read_bytes)
+        return MediaBytes(data, None, hashlib.sha256(data).hexdigest())
+
+    async def _remote(self, url: str, host: str) -> MediaBytes:
+        if host not in self.settings.remote_media_allowlist:
+            raise MediaError("forbidden_url", f"remote media from {host!r} is not allowed")
+        await asyncio.to_thread(_check_public_host, host)
+        limit = self.settings.max_video_bytes
+        timeout = self.settings.remote_timeout_seconds
+        try:
+            async with (
+                httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise MediaError(
+                        "fetch_failed", f"fetching media gave HTTP {response.status_code}"
+                    )
+                buffer = bytearray()
+                async for chunk in response.aiter_bytes():
+                    buffer.extend(chunk)
+                    if len(buffer) > limit:
+                        raise MediaError("media_too_large", f"media exceeds {limit} bytes", 413)
+        except httpx.HTTPError as exc:
+            raise MediaError("fetch_failed", f"fetching media failed ({exc})") from exc
+        data = bytes(buffer)
+        mime = response.headers.get("content-type", "").split(";")[0].strip().lower() or None
+        return MediaBytes(data, mime, hashlib.sha256(data).hexdigest())
+
+    # -- images --
+
+    async def image(self, url: str) -> Image.Image:
+        media = await self.fetch(url)
+        if media.mime is not None and not media.mime.startswith("image/"):
+            raise MediaError("wrong_mime_type", f"image_url carries {media.mime!r}, not an image")
+        return await asyncio.to_thread(self._open_image, media.data)
+
+    def _open_image(self, data: bytes | Path) -> Image.Image:
+        try:
+            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+                if image.width * image.height > self.settings.max_video_pixels:
+                    raise MediaError(
+                        "media_too_large",
+                        f"image of {image.width}x{image.height} exceeds the pixel limit",
+                    )
+                return image.convert("RGB")
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+            raise MediaError("invalid_image", f"not a readable image ({exc})") from exc
+
+    # -- videos --
+
+    def _check_limits(self, info: VideoInfo) -> None:
+        if info.width * info.height > self.settings.max_video_pixels:
+            raise MediaError(
+                "media_too_large",
+                f"video of {info.width}x{info.height} exceeds "
+                f"the {self.settings.max_video_pixels} pixel limit",
+            )
+        if info.duration > self.settings.max_video_seconds:
+            raise MediaError(
+                "media_too_long",
+                f"video of {info.duration:.0f} s exceeds the "
+                f"{self.settings.max_video_seconds:.0f} s limit",
+            )
+
+    def _plan(
+        self,
+        info: VideoInfo,
+        *,
+        fps: float,
+        num_frames: int | None,
+        max_frames: int,
+        keep_ratio: float,
+        test_time_scaling: bool,
+    ) -> FramePlan:
+        try:
+            size = frame_size(info.height, info.width, self.geometry)
+        except ValueError as exc:
+            raise MediaError("invalid_video", str(exc)) from exc
+        return plan_frames(
+            info.duration,
+            info.frame_count,
+            size,
+            fps=fps,
+            num_frames=num_frames,
+            min_frames=self.settings.min_frames,
+            max_frames=max_frames,
+            keep_ratio=keep_ratio,
+            test_time_scaling=test_time_scaling,
+        )
+
+    async def video(
+        self,
+        url: str,
+        *,
+        fps: float,
+        num_frames: int | None,
+        max_frames: int,
+        keep_ratio: float,
+        test_time_scaling: bool | None,
+    ) -> LoadedVideo:
+        """Probe, plan and decode (cached). `test_time_scaling=None`: on for long videos."""
+        media = await self.fetch(url)
+        if media.mime is not None and not (
+            media.mime.startswith("video/") or media.mime in ("image/gif",)
+        ):
+            raise MediaError("wrong_mime_type", f"video_url carries {media.mime!r}, not a video")
+        info = await asyncio.to_thread(probe, media.data)
+        self._check_limits(info)
+        if test_time_scaling is None:
+            test_time_scaling = (
+                self.settings.test_time_scaling
+                and info.duration >= self.settings.long_video_seconds
+            )
+        plan = self._plan(
+            info,
+            fps=fps,
+            num_frames=num_frames,
+            max_frames=max_frames,
+            keep_ratio=keep_ratio,
+            test_time_scaling=test_time_scaling,
+        )
+        key = (media.digest, tuple(round(t, 4) for t in plan.times), plan.size)
+        decoded = self.cache.get(key)
+        hit = decoded is not None
+        if decoded is None:
+            start = time.perf_counter()
+            decoded = await asyncio.to_thread(decode, media.data, plan.times, plan.size, info)
+            metrics.DECODE_SECONDS.observe(time.perf_counter() - start)
+            self.cache.put(key, decoded)
+        metrics.DECODES.labels(cache="hit" if hit else "miss").inc()
+        span = plan.times[-1] - plan.times[0] if plan.num_frames > 1 else 0.0
+        fps_sampled = (plan.num_frames - 1) / span if span > 0 else fps
+        return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit, media.digest)
+
+    async def frames_video(self, urls: list[str], *, fps: float) -> LoadedVideo:
+        """A video sent as a run of frame images (time order), e.g. lmms-eval's clients."""
+        images = [await self.image(url) for url in urls]
+        first = images[0]
+        size = frame_size(first.height, first.width, self.geometry)
+        frames = np.stack(
+            [np.asarray(im.resize((size[1], size[0]), Image.Resampling.BICUBIC)) for im in images]
+        )
+        times = [i / fps for i in range(len(images))]
+        plan = FramePlan(times=times, size=size, test_time_scaled=False)
+        digest = hashlib.sha256(frames.tobytes()).hexdigest()
+        metrics.DECODES.labels(cache="miss").inc()
+        return LoadedVideo(frames, fps, len(images) / fps, plan, False, digest)

@@ -1,0 +1,46 @@
+"""Prometheus metrics of the front end (`stts_*`), served with vLLM's own (`vllm:*`) from the
+same default registry on `/metrics`."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
+
+REQUESTS = Counter("stts_requests_total", "HTTP requests by route and status", ["route", "status"])
+REQUEST_SECONDS = Histogram(
+    "stts_request_duration_seconds",
+    "End-to-end request latency",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "stts_time_to_first_token_seconds",
+    "Request arrival to first output token",
+    buckets=_LATENCY_BUCKETS,
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "stts_time_per_output_token_seconds",
+    "Mean time per output token after the first",
+    buckets=_TOKEN_BUCKETS,
+)
+DECODE_SECONDS = Histogram(
+    "stts_video_decode_seconds",
+    "Time to decode and sample one video (cache misses)",
+    buckets=_LATENCY_BUCKETS,
+)
+DECODES = Counter(
+    "stts_video_decodes_total", "Videos prepared, by decoded-frame cache outcome", ["cache"]
+)
+FRAMES_SAMPLED = Counter("stts_frames_sampled_total", "Video frames sampled for the model")
+VIDEO_TOKENS_BEFORE = Counter(
+    "stts_video_tokens_before_pruning_total", "Video tokens the unpruned model would see"
+)
+VIDEO_TOKENS_AFTER = Counter(
+    "stts_video_tokens_after_pruning_total", "Video tokens the LLM saw after STTS pruning"
+)
+TOKENS_SAVED = Counter("stts_video_tokens_saved_total", "Video tokens removed by STTS pruning")
+IN_FLIGHT = Gauge("stts_requests_in_flight", "Admitted requests not yet finished")
+QUEUED = Gauge("stts_requests_queued", "Admitted requests still waiting for their first token")
+REJECTED = Counter("stts_requests_rejected_total", "Requests refused for overload (429)")

@@ -1,0 +1,245 @@
+"""`POST /v1/chat/completions`: validate, load media, run the engine, stream or return."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from server import metrics
+from server.chat_inputs import EngineInputs, build_engine_inputs
+from server.errors import APIError
+from server.schemas import (
+    AssistantMessage,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    Delta,
+    Usage,
+)
+from server.state import AppState, StateDep, Ticket, require_api_key, require_ready
+
+router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
+ROUTE = "/v1/chat/completions"
+DEFAULT_MAX_TOKENS = 256
+
+
+def _sampling_params(body: ChatCompletionRequest, streaming: bool) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    return SamplingParams(
+        n=body.n,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=stop,
+        max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
+        output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
+    )
+
+
+class _Timing:
+    """TTFT and time per output token of one request, recorded into the metrics."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.first: float | None = None
+
+    def token(self, ticket: Ticket) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+            ticket.started()
+            metrics.TIME_TO_FIRST_TOKEN.observe(self.first - self.start)
+
+    def finish(self, completion_tokens: int, status: int) -> None:
+        end = time.monotonic()
+        if self.first is not None and completion_tokens > 1:
+            metrics.TIME_PER_OUTPUT_TOKEN.observe((end - self.first) / (completion_tokens - 1))
+        metrics.REQUEST_SECONDS.labels(route=ROUTE).observe(end - self.start)
+        metrics.REQUESTS.labels(route=ROUTE, status=str(status)).inc()
+
+
+def _record_video_tokens(inputs: EngineInputs) -> None:
+    if inputs.report is None:
+        return
+    metrics.FRAMES_SAMPLED.inc(sum(v.frames_sampled for v in inputs.report.videos))
+    metrics.VIDEO_TOKENS_BEFORE.inc(inputs.report.video_tokens_before)
+    metrics.VIDEO_TOKENS_AFTER.inc(inputs.report.video_tokens_after)
+    metrics.TOKENS_SAVED.inc(inputs.report.tokens_saved)
+
+
+def _usage(output: Any) -> Usage:
+    prompt = len(output.prompt_token_ids or [])
+    completion = sum(len(c.token_ids) for c in output.outputs)
+    return Usage(
+        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
+    )
+
+
+async def _first(stream: AsyncIterator[Any]) -> Any:
+    """The engine's first output; request errors it raises become 400s, not broken streams."""
+    try:
+        return await anext(stream)
+    except (ValueError, TypeError) as exc:
+        raise APIError(
+            400, f"the engine refused the request: {exc}", code="engine_rejected"
+        ) from exc
+
+
+async def _until_disconnect(request: Request, work: asyncio.Task) -> Any:
+    """Awaits `work`, cancelling it (which aborts the engine request) if the client leaves."""
+    while True:
+        done, _ = await asyncio.wait({work}, timeout=0.5)
+        if done:
+            return work.result()
+        if await request.is_disconnected():
+            work.cancel()
+            raise APIError(499, "client disconnected", code="client_closed_request")
+
+
+@router.post(ROUTE, response_model=ChatCompletionResponse)
+async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Any:
+    if body.model != state.settings.served_model_name:
+        raise APIError(
+            404,
+            f"model {body.model!r} does not exist; this server serves "
+            f"{state.settings.served_model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    ticket = state.admission.acquire()
+    timing = _Timing()
+    try:
+        inputs = await build_engine_inputs(body, state)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        params = _sampling_params(body, streaming=body.stream)
+        outputs = state.engine.generate(inputs.prompt, params, request_id)
+        first = await _first(outputs)
+        _record_video_tokens(inputs)
+    except APIError as exc:
+        ticket.release()
+        timing.finish(0, exc.status)
+        raise
+    except BaseException:
+        ticket.release()
+        timing.finish(0, 500)
+        raise
+    if body.stream:
+        stream = _stream(body, state, inputs, request_id, first, outputs, ticket, timing)
+        return StreamingResponse(stream, media_type="text/event-stream")
+    try:
+        work = asyncio.ensure_future(_final(first, outputs, ticket, timing))
+        final = await _until_disconnect(request, work)
+    except BaseException as exc:
+        timing.finish(0, exc.status if isinstance(exc, APIError) else 500)
+        raise
+    finally:
+        ticket.release()
+    usage = _usage(final)
+    timing.finish(usage.completion_tokens, 200)
+    return ChatCompletionResponse(
+        id=request_id,
+        created=int(time.time()),
+        model=body.model,
+        usage=usage,
+        stts=inputs.report,
+        choices=[
+            Choice(
+                index=c.index,
+                message=AssistantMessage(content=c.text),
+                finish_reason=c.finish_reason,
+            )
+            for c in sorted(final.outputs, key=lambda c: c.index)
+        ],
+    )
+
+
+async def _final(first: Any, outputs: AsyncIterator[Any], ticket: Ticket, timing: _Timing) -> Any:
+    final = first
+    timing.token(ticket)
+    async for output in outputs:
+        final = output
+    return final
+
+
+def _sse(chunk: ChatCompletionChunk) -> str:
+    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+
+async def _stream(
+    body: ChatCompletionRequest,
+    state: AppState,
+    inputs: EngineInputs,
+    request_id: str,
+    first: Any,
+    outputs: AsyncIterator[Any],
+    ticket: Ticket,
+    timing: _Timing,
+) -> AsyncIterator[str]:
+    """SSE chunks: a role chunk per choice, content deltas, finish reasons, an optional usage
+    chunk (with the `stts` report), then `[DONE]`. Leaving early aborts the engine request."""
+    created = int(time.time())
+
+    def chunk(choices: list[ChunkChoice], **extra: Any) -> str:
+        return _sse(
+            ChatCompletionChunk(
+                id=request_id, created=created, model=body.model, choices=choices, **extra
+            )
+        )
+
+    completion_tokens = 0
+    prompt_tokens = 0
+    status = 200
+    try:
+        yield chunk(
+            [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(body.n)]
+        )
+        output = first
+        while output is not None:
+            prompt_tokens = len(output.prompt_token_ids or []) or prompt_tokens
+            deltas = []
+            for c in output.outputs:
+                completion_tokens += len(c.token_ids)
+                if c.token_ids:
+                    timing.token(ticket)
+                if c.text or c.finish_reason:
+                    deltas.append(
+                        ChunkChoice(
+                            index=c.index,
+                            delta=Delta(content=c.text or None),
+                            finish_reason=c.finish_reason,
+                        )
+                    )
+            if deltas:
+                yield chunk(deltas)
+            output = await anext(outputs, None)
+        if body.stream_options and body.stream_options.include_usage:
+            usage = Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            )
+            yield chunk([], usage=usage, stts=inputs.report)
+        yield "data: [DONE]\n\n"
+    except (asyncio.CancelledError, GeneratorExit):
+        status = 499
+        raise
+    except Exception as exc:
+        status = 500
+        yield (
+            f'data: {{"error": {{"message": "generation failed: {type(exc).__name__}", '
+            f'"type": "server_error", "param": null, "code": "internal_error"}}}}\n\n'
+        )
+    finally:
+        await outputs.aclose()
+        ticket.release()
+        timing.finish(completion_tokens, status)

@@ -1,0 +1,63 @@
+"""`/v1/files`: upload a video once, ask about it many times."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+
+from server import metrics
+from server.errors import APIError
+from server.media_errors import MediaError
+from server.schemas import FileDeleted, FileList, FileObject
+from server.state import StateDep, require_api_key
+from server.video_decode import probe
+
+router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_api_key)])
+
+
+def _media_error(exc: MediaError) -> APIError:
+    return APIError(exc.status, exc.message, code=exc.code)
+
+
+def _validate_video(path: Path) -> None:
+    """Only videos are stored: probing decodes the first frame, so a corrupt file fails here."""
+    probe(path)
+
+
+@router.post("", response_model=FileObject)
+async def upload_file(
+    state: StateDep,
+    file: Annotated[UploadFile, File(description="the video")],
+    purpose: Annotated[str, Form(min_length=1, max_length=64)],
+) -> FileObject:
+    try:
+        record = await state.files.save(file, purpose, _validate_video)
+    except MediaError as exc:
+        metrics.REQUESTS.labels(route="/v1/files", status=str(exc.status)).inc()
+        raise _media_error(exc) from exc
+    metrics.REQUESTS.labels(route="/v1/files", status="200").inc()
+    return record
+
+
+@router.get("", response_model=FileList)
+async def list_files(state: StateDep) -> FileList:
+    return FileList(data=state.files.list())
+
+
+@router.get("/{file_id}", response_model=FileObject)
+async def get_file(file_id: str, state: StateDep) -> FileObject:
+    try:
+        return state.files.get(file_id)
+    except MediaError as exc:
+        raise _media_error(exc) from exc
+
+
+@router.delete("/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str, state: StateDep) -> FileDeleted:
+    try:
+        await state.files.delete(file_id)
+    except MediaError as exc:
+        raise _media_error(exc) from exc
+    return FileDeleted(id=file_id, deleted=True)

@@ -1,0 +1,40 @@
+"""Service routes: models, liveness, readiness, metrics."""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Depends, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from server.schemas import Health, ModelCard, ModelList
+from server.state import StateDep, require_api_key
+
+router = APIRouter()
+_STARTED = int(time.time())
+
+
+@router.get("/v1/models", response_model=ModelList, dependencies=[Depends(require_api_key)])
+async def list_models(state: StateDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.settings.served_model_name, created=_STARTED)])
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
+    """Liveness: the process answers (the model may still be loading)."""
+    return Health(status="ok")
+
+
+@router.get("/ready", response_model=Health)
+async def ready(state: StateDep) -> JSONResponse:
+    """Readiness: the engine is loaded and accepting requests."""
+    if state.engine.ready.is_set():
+        return JSONResponse(Health(status="ok").model_dump())
+    return JSONResponse(Health(status="starting").model_dump(), status_code=503)
+
+
+@router.get("/metrics")
+async def prometheus_metrics() -> Response:
+    """Ours (`stts_*`) and vLLM's (`vllm:*`), one registry."""
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

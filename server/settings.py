@@ -1,0 +1,65 @@
+"""Server configuration: CLI flags (`stts-serve --model DIR`) and `STTS_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEMO_MODEL = Path("artifacts/demo-stts")
+
+
+class Settings(BaseSettings):
+    """Every knob of the server; defaults suit the demo checkpoint on a CPU box."""
+
+    model_config = SettingsConfigDict(env_prefix="STTS_", cli_kebab_case=True, extra="ignore")
+
+    # -- model and engine --
+    model: Path = Field(DEMO_MODEL, description="STTS (or stock) Qwen2.5-VL checkpoint directory")
+    served_model_name: str = "stts-demo"
+    dtype: str = "float32"
+    max_model_len: int = 16384
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    enforce_eager: bool = True
+    gpu_memory_utilization: float = 0.9
+    max_num_seqs: int = 64
+    limit_videos_per_prompt: int = 2
+    limit_images_per_prompt: int = 8
+
+    # -- HTTP --
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = Field(None, description="require `Authorization: Bearer <key>`")
+    max_in_flight: int = Field(64, description="requests admitted at once; more get 429")
+    retry_after_seconds: int = 1
+    max_request_bytes: int = 64 * 1024 * 1024
+
+    # -- media --
+    max_video_bytes: int = 256 * 1024 * 1024
+    max_video_seconds: float = 3 * 3600.0
+    max_video_pixels: int = 8192 * 8192
+    max_media_per_message: int = 2
+    remote_media_allowlist: list[str] = Field(
+        default_factory=list, description="hosts allowed in http(s) media URLs (empty: none)"
+    )
+    media_root: Path | None = Field(None, description="root for file:// media URLs (unset: none)")
+    remote_timeout_seconds: float = 20.0
+
+    # -- sampling and STTS --
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 256
+    frame_min_pixels: int | None = Field(None, description="default: the model's processor")
+    frame_max_pixels: int | None = Field(None, description="default: the model's processor")
+    test_time_scaling: bool = Field(True, description="spend pruning savings on more frames")
+    long_video_seconds: float = Field(
+        30.0, description="test-time scaling applies by default to videos at least this long"
+    )
+
+    # -- uploaded files --
+    files_dir: Path = Path("artifacts/files")
+    max_files: int = 256
+    max_files_bytes: int = 8 * 1024 * 1024 * 1024
+    decoded_cache_bytes: int = 1024 * 1024 * 1024

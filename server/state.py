@@ -1,0 +1,97 @@
+"""Process-wide objects the routes share, and the dependencies that hand them out."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server import metrics
+from server.engine import EngineService
+from server.errors import APIError
+from server.file_store import FileStore
+from server.media import MediaLoader
+from server.settings import Settings
+
+
+class Admission:
+    """Bounds admitted requests; beyond the bound a request is refused at once with 429 and
+    `Retry-After`, never queued without limit."""
+
+    def __init__(self, limit: int, retry_after: int) -> None:
+        self.limit = limit
+        self.retry_after = retry_after
+        self.active = 0
+
+    def acquire(self) -> Ticket:
+        if self.active >= self.limit:
+            metrics.REJECTED.inc()
+            raise APIError(
+                429,
+                f"server is at capacity ({self.limit} requests in flight); retry shortly",
+                code="overloaded",
+                headers={"Retry-After": str(self.retry_after)},
+            )
+        self.active += 1
+        metrics.IN_FLIGHT.inc()
+        metrics.QUEUED.inc()
+        return Ticket(self)
+
+
+@dataclass
+class Ticket:
+    """One admitted request; `release` is idempotent (streams release on any exit path)."""
+
+    admission: Admission
+    waiting: bool = True
+    released: bool = field(default=False)
+
+    def started(self) -> None:
+        if self.waiting:
+            self.waiting = False
+            metrics.QUEUED.dec()
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.started()
+        self.admission.active -= 1
+        metrics.IN_FLIGHT.dec()
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: EngineService
+    files: FileStore
+    media: MediaLoader
+    admission: Admission
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.stts
+
+
+def require_api_key(request: Request) -> None:
+    expected = request.app.state.stts.settings.api_key
+    if expected is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):
+        raise APIError(
+            401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"
+        )
+
+
+def require_ready(request: Request) -> None:
+    if not request.app.state.stts.engine.ready.is_set():
+        raise APIError(
+            503, "model is still loading", code="not_ready", headers={"Retry-After": "5"}
+        )
+
+
+StateDep = Annotated[AppState, Depends(get_state)]

@@ -360,7 +360,11 @@ def build_tokenizer(vocab_size: int = 1000) -> PreTrainedTokenizerBase:
     )
 
 
-def demo_config(tokenizer: PreTrainedTokenizerBase, vit_depth: int = 4) -> Qwen2_5_VLConfig:
+def demo_config(
+    tokenizer: PreTrainedTokenizerBase,
+    vit_depth: int = 4,
+    fullatt_blocks: list[int] | None = None,
+) -> Qwen2_5_VLConfig:
     """The tiny Qwen2.5-VL config (transformers v5 layout: nested `text_config` /
     `vision_config`, `rope_parameters` with `mrope_section`), token ids from `tokenizer`."""
     from transformers import Qwen2_5_VLConfig
@@ -377,7 +381,7 @@ def demo_config(tokenizer: PreTrainedTokenizerBase, vit_depth: int = 4) -> Qwen2
     vision = copy.deepcopy(VISION_CONFIG) | {
         "depth": vit_depth,
         "out_hidden_size": TEXT_CONFIG["hidden_size"],
-        "fullatt_block_indexes": [vit_depth - 1],
+        "fullatt_block_indexes": fullatt_blocks or [vit_depth - 1],
     }
     return Qwen2_5_VLConfig(
         text_config=text,
@@ -447,6 +451,7 @@ def make_demo(
     prune_at: int = 1,
     scorer: str = "heuristic",
     vit_depth: int = 4,
+    fullatt_blocks: list[int] | None = None,
     scorer_hidden_size: int | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -468,7 +473,9 @@ def make_demo(
     out = _prepare_out(out, overwrite)
 
     tokenizer = build_tokenizer()
-    config = demo_config(tokenizer, vit_depth)
+    if fullatt_blocks is not None and not all(0 <= b < vit_depth for b in fullatt_blocks):
+        raise ValueError(f"fullatt_blocks must be block indexes below {vit_depth}")
+    config = demo_config(tokenizer, vit_depth, fullatt_blocks)
     _save_random_weights(config, out, seed)
     _save_processor(tokenizer, out)
     _save_generation_config(tokenizer, out)

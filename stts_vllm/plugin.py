@@ -49,7 +49,11 @@ class STTSModelConfigHook:
 
     @staticmethod
     def verify_and_update_config(vllm_config: Any) -> None:
-        return None
+        if getattr(vllm_config.compilation_config, "compile_mm_encoder", False):
+            raise ValueError(
+                "compile_mm_encoder is not supported with STTS: the compiled vision blocks "
+                "drop guards, so the key-biased block would be traced once for all calls"
+            )
 
 
 def patch_cpu_runner_pruning_flag() -> None:

@@ -37,6 +37,7 @@ from stts_vllm.core.config import STTSConfigError, check_keep_ratio
 from stts_vllm.plugin import STTS_ARCHITECTURE
 from stts_vllm.positions import (
     POSITION_COLUMNS,
+    POSITION_LIMIT,
     decode_positions,
     encode_positions,
     place_media_positions,
@@ -95,16 +96,54 @@ class STTSQwen2_5_VLProcessingInfo(Qwen2_5_VLProcessingInfo):
 class STTSQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
     info: STTSQwen2_5_VLProcessingInfo
 
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        self._check_placeholder_tokens(inputs)
+        return super().apply(inputs, timing_ctx)
+
+    def _check_placeholder_tokens(self, inputs: Any) -> None:
+        """One placeholder token per media item, none elsewhere: kept tokens are placed by
+        finding their placeholder runs in the prompt, so a stray pad token (a literal
+        `<|image_pad|>` typed in text) would misplace them. Checked before any cache is
+        touched, so refusing the request leaves the processor caches consistent."""
+        config = self.info.get_hf_config()
+        counts = inputs.mm_data_items.get_all_counts()
+        for modality, token in (("image", config.image_token_id), ("video", config.video_token_id)):
+            found = sum(1 for t in inputs.prompt if t == token)
+            if found != counts.get(modality, 0):
+                raise ValueError(
+                    f"prompt has {found} {modality} placeholder token(s) for "
+                    f"{counts.get(modality, 0)} {modality} item(s): one each, none in the text"
+                )
+
     def _call_hf_processor(
         self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
-        hf_kwargs = dict(hf_kwargs)
-        keep_ratio = self.info.resolve_keep_ratio(hf_kwargs.pop(KEEP_RATIO_KWARG, None))
+        # The request's value, else the server's --mm-processor-kwargs, else the checkpoint's.
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+        keep_ratio = self.info.resolve_keep_ratio(merged.get(KEEP_RATIO_KWARG))
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KEEP_RATIO_KWARG}
         outputs = super()._call_hf_processor(hf_data, hf_kwargs)
         if "video_grid_thw" in outputs:
+            self._check_position_range(outputs)
             num_videos = len(outputs["video_grid_thw"])
             outputs[KEEP_RATIO_KWARG] = torch.full((num_videos,), keep_ratio)
         return outputs
+
+    def _check_position_range(self, outputs: BatchFeature) -> None:
+        """A video's M-RoPE time positions must fit the LLM's rotary table and the position
+        carrier; a tiny fps in the metadata stretches them (`t = step x seconds x rate`)."""
+        config = self.info.get_hf_config()
+        text = getattr(config, "text_config", config)
+        limit = min(POSITION_LIMIT, int(getattr(text, "max_position_embeddings", POSITION_LIMIT)))
+        seconds = outputs.get("second_per_grid_ts")
+        tokens_per_second = config.vision_config.tokens_per_second
+        for i, (t, _, _) in enumerate(outputs["video_grid_thw"].tolist()):
+            step = float(seconds[i]) if seconds is not None else 1.0
+            if (t - 1) * step * tokens_per_second >= limit:
+                raise ValueError(
+                    f"video {i} spans more time positions than the model supports ({limit}); "
+                    "check its fps metadata"
+                )
 
     def _get_mm_fields_config(
         self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
@@ -195,17 +234,26 @@ class STTSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
         keep_ratios = [float(k) for k in video_input["stts_keep_ratio"].reshape(-1)]
         if all(k >= 1.0 for k in keep_ratios):
             return super()._process_video_input(video_input)
-        pruned = pruned_vision_forward(
-            self.visual,
-            video_input["pixel_values_videos"],
-            video_input["video_grid_thw"].tolist(),
-            keep_ratios,
-            config=self.stts_config,
-            scorer=self.stts_scorer,
-        )
+        # One video at a time: the early blocks see every patch, and the scheduler's encoder
+        # budget counts pruned tokens, so batching all scheduled videos could exceed the
+        # memory profiled for one unpruned video.
+        grids = video_input["video_grid_thw"].tolist()
+        pixels = video_input["pixel_values_videos"].split([t * h * w for t, h, w in grids])
+        embeds, masks = [], []
+        for item_pixels, grid, keep in zip(pixels, grids, keep_ratios, strict=True):
+            pruned = pruned_vision_forward(
+                self.visual,
+                item_pixels,
+                [grid],
+                [keep],
+                config=self.stts_config,
+                scorer=self.stts_scorer,
+            )
+            embeds.extend(pruned.embeds)
+            masks.extend(pruned.keep_masks)
         # Carried with this call's data (not on self) to the position step below.
-        video_input.stts_keep_masks = pruned.keep_masks  # type: ignore[attr-defined]
-        return tuple(pruned.embeds)
+        video_input.stts_keep_masks = masks  # type: ignore[attr-defined]
+        return tuple(embeds)
 
     # -- positions: kept units keep their original (t, h, w) --
 
@@ -251,11 +299,19 @@ class STTSQwen2_5_VLForConditionalGeneration(Qwen2_5_VLForConditionalGeneration)
 
         Replaces vLLM's `recompute_mrope_positions`, which fails when a prefill chunk ends
         between a vision-start token and its first media token."""
+        embeds = [mm[:, :-POSITION_COLUMNS] for mm in multimodal_embeddings]
+        if not multimodal_embeddings:  # nothing placed this step: positions are exact already
+            ids_len = len(input_ids)
+            delta = int(mrope_positions.max()) + 1 - ids_len if mrope_positions.numel() else 0
+            return embeds, mrope_positions, delta
         ids = torch.as_tensor(input_ids).cpu()
         media = ids.eq(self.config.image_token_id) | ids.eq(self.config.video_token_id)
-        embeds = [mm[:, :-POSITION_COLUMNS] for mm in multimodal_embeddings]
         carried = [decode_positions(mm[:, -POSITION_COLUMNS:]) for mm in multimodal_embeddings]
-        positions = place_media_positions(media, carried, mrope_positions, num_computed_tokens)
+        try:
+            positions = place_media_positions(media, carried, mrope_positions, num_computed_tokens)
+        except ValueError:  # never take the engine down over one request's positions
+            logger.exception("could not place pruned media positions; keeping previous ones")
+            positions = mrope_positions
         delta = int(positions.max()) + 1 - len(ids) if positions.numel() else 0
         return embeds, positions, delta
 

@@ -55,21 +55,72 @@ def chat_prompt(*parts: str, question: str = "What happens in the video?") -> st
     )
 
 
-def encode_mp4(frames: np.ndarray, fps: int = 4) -> bytes:
-    """Frames -> an H.264 (or MPEG-4 part 2, if x264 is missing) mp4, in memory, with PyAV."""
+def encode_video(
+    frames: np.ndarray,
+    fps: int = 4,
+    *,
+    container: str = "mp4",
+    codec: str = "libx264",
+    rotation: int | None = None,
+    times: list[float] | None = None,
+) -> bytes:
+    """Frames -> an encoded video in memory (PyAV). `times` gives each frame's timestamp in
+    seconds (variable frame rate); `rotation` sets the display matrix (degrees CCW)."""
+    import fractions
     import io
 
     import av
 
     buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format="mp4") as container:
-        codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        stream = container.add_stream(codec, rate=fps)
+    with av.open(buffer, mode="w", format=container) as out:
+        stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
+        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        if times is not None:
+            stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if times is not None:
+                video_frame.pts = round(times[i] * 1000)
+                video_frame.time_base = fractions.Fraction(1, 1000)
+            for packet in stream.encode(video_frame):
+                out.mux(packet)
         for packet in stream.encode():
-            container.mux(packet)
+            out.mux(packet)
+    return buffer.getvalue()
+
+
+def encode_mp4(frames: np.ndarray, fps: int = 4) -> bytes:
+    """Frames -> an H.264 mp4, in memory."""
+    return encode_video(frames, fps)
+
+
+def level_video(num_frames: int, height: int = 64, width: int = 96) -> np.ndarray:
+    """Frame i is a flat gray of level 4 * i (+ a dark corner marking the top-left), so a
+    decoded frame tells which source frame it was, and its orientation."""
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
+    for i in range(num_frames):
+        frames[i] = min(255, 16 + 4 * i)
+    frames[:, : height // 4, : width // 4] = 0
+    return frames
+
+
+def audio_only_m4a(seconds: float = 1.0) -> bytes:
+    import io
+
+    import av
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16000)
+        samples = int(16000 * seconds)
+        tone = (np.sin(np.arange(samples) / 8.0) * 0.2).astype(np.float32)[None]
+        frame = av.AudioFrame.from_ndarray(tone, format="fltp", layout="mono")
+        frame.sample_rate = 16000
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
     return buffer.getvalue()

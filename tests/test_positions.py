@@ -7,6 +7,7 @@ import torch
 
 from stts_vllm.core import mrope_positions
 from stts_vllm.positions import (
+    POSITION_LIMIT,
     decode_positions,
     encode_positions,
     media_runs,
@@ -23,9 +24,17 @@ def test_positions_survive_low_precision_embeddings(dtype: torch.dtype) -> None:
     assert decoded[3].unique().tolist() == [int(positions.max()) + 1]  # where text resumes
 
 
-def test_positions_beyond_the_carrier_range_are_refused() -> None:
-    with pytest.raises(ValueError, match="exceeds"):
-        encode_positions(torch.tensor([[70000], [0], [0]]), torch.zeros(1))
+def test_large_positions_survive_bfloat16() -> None:
+    positions = torch.tensor([[0, 255, 256, 65535, 65536, POSITION_LIMIT - 1], [0] * 6, [7] * 6])
+    decoded = decode_positions(encode_positions(positions, torch.zeros(1, dtype=torch.bfloat16)))
+    assert torch.equal(decoded[:3], positions)
+
+
+def test_media_at_the_very_start_of_a_prompt() -> None:
+    media = torch.tensor([1, 1, 0, 0]).bool()
+    item = torch.tensor([[0, 1], [0, 0], [0, 0], [2, 2]])
+    placed = place_media_positions(media, [item], torch.arange(4).expand(3, -1).clone(), 0)
+    assert placed[:, :2].tolist() == [[0, 1], [0, 0], [0, 0]]
 
 
 def test_media_runs() -> None:

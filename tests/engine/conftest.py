@@ -58,6 +58,15 @@ def learned_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def deep_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ViT depth 6, full attention at 2 and 5: the biased block (2) is a full-attention
+    block and the packed blocks mix window (3, 4) and full (5) attention."""
+    return make_demo(
+        tmp_path_factory.mktemp("ckpt") / "deep", vit_depth=6, prune_at=1, fullatt_blocks=[2, 5]
+    )
+
+
+@pytest.fixture(scope="session")
 def stock_ckpt(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return stock_copy(demo_ckpt, tmp_path_factory.mktemp("ckpt") / "stock")
 

@@ -183,3 +183,68 @@ def test_cpu_runner_runs_in_pruning_mode(llm: Any) -> None:
     """The CPU runner patch: without it pruned positions are never recomputed on CPU."""
     flags = llm.collective_rpc(lambda worker: worker.model_runner.is_multimodal_pruning_enabled)
     assert flags == [True]
+
+
+def test_same_video_at_two_keep_ratios(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches are keyed by keep ratio too: the same video at 0.5, 0.3, 0.5 gets its own count
+    and mask each time, and 0.3 keeps a subset of what 0.5 keeps (same scores)."""
+    rec = Recorder(live_model(llm), monkeypatch)
+    prompts = [_video_prompt(12, 140, 196, keep=k, seed=15) for k in (0.5, 0.3, 0.5)]
+    outputs = [_generate(llm, [p], max_tokens=2)[0] for p in prompts]
+    t, h, w = _units(12, 140, 196)
+    counts = [o.prompt_token_ids.count(VIDEO_TOKEN) for o in outputs]
+    assert counts == [retained_count(t, h * w, k) for k in (0.5, 0.3, 0.5)]
+    # the repeated 0.5 request may hit the encoder cache (no new mask): masks seen are 0.5, 0.3
+    half, third = rec.masks[0], rec.masks[1]
+    assert int(half.sum()) == counts[0] and int(third.sum()) == counts[1]
+    assert bool((third <= half).all())
+
+
+def test_stray_placeholder_token_fails_the_request_not_the_engine(llm: Any) -> None:
+    prompt = _video_prompt(4, 56, 56)
+    prompt["prompt"] = prompt["prompt"].replace("What happens", "<|image_pad|> What happens")
+    with pytest.raises(ValueError, match="placeholder token"):
+        _generate(llm, [prompt])
+    assert len(_generate(llm, [_video_prompt(4, 56, 56)])[0].outputs[0].token_ids) > 0
+
+
+def test_video_beyond_the_position_range_is_refused(llm: Any) -> None:
+    """A tiny fps stretches M-RoPE time positions; refused in the processor, engine lives."""
+    frames = moving_square_video(8, 56, 56, seed=16)
+    prompt = {
+        "prompt": chat_prompt("video"),
+        "multi_modal_data": {"video": [video_item(frames, fps=1e-4)]},
+    }
+    with pytest.raises(ValueError, match="time positions"):
+        _generate(llm, [prompt])
+    assert len(_generate(llm, [_video_prompt(4, 56, 56)])[0].outputs[0].token_ids) > 0
+
+
+def test_prefix_cache_hit_inside_a_pruned_video(llm: Any) -> None:
+    """A second question about the same video reuses the cached prefix, which ends inside
+    the video's tokens; the answer must equal the one computed without any cache."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=6, logprobs=2)
+    video = [video_item(moving_square_video(16, 196, 196, seed=17))]
+
+    def ask(question: str) -> Any:
+        prompt = {
+            "prompt": chat_prompt("video", question=question),
+            "multi_modal_data": {"video": video},
+        }
+        return llm.generate([prompt], params, use_tqdm=False)[0]
+
+    assert llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    llm.reset_prefix_cache()
+    cold = ask("Which way does it move?")
+    ask("Is there a square?")  # fills the cache with the shared prefix
+    warm = ask("Which way does it move?")
+    ids = warm.prompt_token_ids
+    first_video, video_end = ids.index(VIDEO_TOKEN), ids.index(1004)  # <|vision_end|>
+    assert first_video < (warm.num_cached_tokens or 0) < video_end  # the hit ends mid-video
+    assert list(warm.outputs[0].token_ids) == list(cold.outputs[0].token_ids)
+    for a, b in zip(warm.outputs[0].logprobs, cold.outputs[0].logprobs, strict=True):
+        assert {t: round(v.logprob, 4) for t, v in a.items()} == {
+            t: round(v.logprob, 4) for t, v in b.items()
+        }

@@ -19,9 +19,9 @@ $(DEMO)/config.json: | install
 
 demo: $(DEMO)/config.json
 
-# Until the FastAPI front end lands, the demo is served by vLLM's own OpenAI server.
+# The FastAPI front end (server/) with the engine in-process, on the demo checkpoint.
 serve: install demo
-	$(PY) -m stts_vllm.cli serve-demo $(DEMO) --port $(PORT)
+	.venv/bin/stts-serve --model $(DEMO) --port $(PORT)
 
 lint: install
 	.venv/bin/ruff check .

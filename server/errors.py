@@ -61,11 +61,23 @@ def error_response(
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
-    location = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
+    """The most specific pydantic error (deepest location) as a message and `param` path;
+    union branch names (`str`, `list[...]`) are left out of the path."""
+    errors = exc.errors()
+    if not errors:
+        return "invalid request", None
+    if any(e.get("type") == "json_invalid" for e in errors):
         return "request body is not valid JSON", None
+    first = max(errors, key=lambda e: len(e.get("loc", ())))
+    location = [
+        str(p)
+        for p in first.get("loc", ())
+        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES))
+    ]
     param = ".".join(location) or None
     where = f" at `{param}`" if param else ""
     return f"{first.get('msg', 'invalid request')}{where}", param

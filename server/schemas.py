@@ -93,6 +93,10 @@ class ChatCompletionRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=8)
+    # vLLM's own extensions, as its OpenAI server accepts them
+    top_k: int | None = Field(None, ge=-1)
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool = False
     stts: STTSOptions | None = None
 
 

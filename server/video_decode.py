@@ -161,8 +161,8 @@ def decode(
                 raise MediaError("invalid_video", f"video could not be decoded ({exc})") from exc
         if tail is None:
             raise MediaError("empty_video", "video has no decodable frames")
-        if index < len(times):  # ran out of video: hold the last frame
-            held = picked[-1] if picked else _to_array(tail[1], size, info.rotation)
+        if index < len(times):  # ran out of video: hold its last frame
+            held = _to_array(tail[1], size, tail[1].rotation or info.rotation)
             picked.extend([held] * (len(times) - index))
             picked_times.extend([tail[0]] * (len(times) - index))
     return DecodedVideo(frames=np.stack(picked), times=picked_times, info=info)

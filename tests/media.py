@@ -63,6 +63,7 @@ def encode_video(
     codec: str = "libx264",
     rotation: int | None = None,
     times: list[float] | None = None,
+    pix_fmt: str | None = None,
 ) -> bytes:
     """Frames -> an encoded video in memory (PyAV). `times` gives each frame's timestamp in
     seconds (variable frame rate); `rotation` sets the display matrix (degrees CCW)."""
@@ -75,11 +76,12 @@ def encode_video(
     with av.open(buffer, mode="w", format=container) as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
-        stream.pix_fmt = "rgb8" if codec == "gif" else "yuv420p"
+        stream.pix_fmt = pix_fmt or ("rgb8" if codec == "gif" else "yuv420p")
         if times is not None:
             stream.codec_context.time_base = fractions.Fraction(1, 1000)
         if rotation is not None:
             stream.set_display_rotation(rotation)
+        out.start_encoding()  # writes the header even for a video with no frames
         for i, frame in enumerate(frames):
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
             if times is not None:

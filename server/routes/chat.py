@@ -24,7 +24,7 @@ from server.schemas import (
     Delta,
     Usage,
 )
-from server.state import AppState, StateDep, Ticket, require_api_key, require_ready
+from server.state import StateDep, Ticket, require_api_key, require_ready
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
 ROUTE = "/v1/chat/completions"
@@ -33,18 +33,25 @@ DEFAULT_MAX_TOKENS = 256
 
 def _sampling_params(body: ChatCompletionRequest, streaming: bool) -> Any:
     from vllm import SamplingParams
+    from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
 
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    return SamplingParams(
-        n=body.n,
-        temperature=1.0 if body.temperature is None else body.temperature,
-        top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed,
-        stop=stop,
-        max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
-        output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
-    )
+    try:
+        return SamplingParams(
+            n=body.n,
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed,
+            stop=stop,
+            top_k=-1 if body.top_k is None else body.top_k,
+            min_tokens=body.min_tokens or 0,
+            ignore_eos=body.ignore_eos,
+            max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
+            output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
+        )
+    except (ValueError, VLLMClientError) as exc:
+        raise APIError(400, str(exc), code="invalid_request") from exc
 
 
 class _Timing:
@@ -87,9 +94,11 @@ def _usage(output: Any) -> Usage:
 
 async def _first(stream: AsyncIterator[Any]) -> Any:
     """The engine's first output; request errors it raises become 400s, not broken streams."""
+    from vllm.exceptions import VLLMClientError
+
     try:
         return await anext(stream)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, VLLMClientError) as exc:
         raise APIError(
             400, f"the engine refused the request: {exc}", code="engine_rejected"
         ) from exc
@@ -118,32 +127,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         )
     ticket = state.admission.acquire()
     timing = _Timing()
+    streaming = False
     try:
         inputs = await build_engine_inputs(body, state)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         params = _sampling_params(body, streaming=body.stream)
         outputs = state.engine.generate(inputs.prompt, params, request_id)
-        first = await _first(outputs)
-        _record_video_tokens(inputs)
-    except APIError as exc:
-        ticket.release()
-        timing.finish(0, exc.status)
-        raise
-    except BaseException:
-        ticket.release()
-        timing.finish(0, 500)
-        raise
-    if body.stream:
-        stream = _stream(body, state, inputs, request_id, first, outputs, ticket, timing)
-        return StreamingResponse(stream, media_type="text/event-stream")
-    try:
-        work = asyncio.ensure_future(_final(first, outputs, ticket, timing))
+        if body.stream:
+            first = await _first(outputs)  # engine refusals become 400s, not broken streams
+            _record_video_tokens(inputs)
+            streaming = True  # from here the stream owns the ticket and the timing
+            stream = _stream(body, inputs, request_id, first, outputs, ticket, timing)
+            return StreamingResponse(stream, media_type="text/event-stream")
+        work = asyncio.ensure_future(_final(outputs, ticket, timing))
         final = await _until_disconnect(request, work)
+        _record_video_tokens(inputs)
     except BaseException as exc:
-        timing.finish(0, exc.status if isinstance(exc, APIError) else 500)
+        if not streaming:
+            timing.finish(0, exc.status if isinstance(exc, APIError) else 500)
         raise
     finally:
-        ticket.release()
+        if not streaming:
+            ticket.release()
     usage = _usage(final)
     timing.finish(usage.completion_tokens, 200)
     return ChatCompletionResponse(
@@ -163,8 +168,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     )
 
 
-async def _final(first: Any, outputs: AsyncIterator[Any], ticket: Ticket, timing: _Timing) -> Any:
-    final = first
+async def _final(outputs: AsyncIterator[Any], ticket: Ticket, timing: _Timing) -> Any:
+    final = await _first(outputs)
     timing.token(ticket)
     async for output in outputs:
         final = output
@@ -177,7 +182,6 @@ def _sse(chunk: ChatCompletionChunk) -> str:
 
 async def _stream(
     body: ChatCompletionRequest,
-    state: AppState,
     inputs: EngineInputs,
     request_id: str,
     first: Any,

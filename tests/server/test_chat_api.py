@@ -109,6 +109,8 @@ def test_uploaded_file_is_decoded_once(server: Server) -> None:
     misses = 'stts_video_decodes_total{cache="miss"}'
     assert after[hits] - before.get(hits, 0) == 1
     assert after[misses] - before.get(misses, 0) == 1
+    decode_count = "stts_video_decode_seconds_count"
+    assert after[decode_count] - before.get(decode_count, 0) == 1  # timed once: the miss
     # streaming works from a file id too
     stream = client.chat.completions.create(
         model="stts-demo", messages=_messages(uploaded.id), max_tokens=2, stream=True
@@ -374,3 +376,13 @@ def test_client_disconnect_aborts_the_engine_request(server: Server, stream: boo
         ):
             client.post("/v1/chat/completions", json=body)
     _wait_for_abort(server, before)
+
+
+def test_test_time_scaling_is_on_by_default_for_long_videos(server: Server) -> None:
+    long_video = encode_mp4(moving_square_video(40, 112, 112, seed=7), fps=1)  # 40 s
+    url = "data:video/mp4;base64," + base64.b64encode(long_video).decode()
+    report = _report(server, {"keep_ratio": 0.5}, url=url)
+    assert report["test_time_scaling"]
+    assert report["videos"][0]["frames_sampled"] == 40  # 2 fps x 40 s = 80 wanted, 40 exist
+    short = _report(server, {"keep_ratio": 0.5})  # the 10 s video
+    assert not short["test_time_scaling"]

@@ -12,7 +12,6 @@ from PIL import Image
 from server.errors import APIError
 from server.frame_sampling import video_tokens
 from server.media import LoadedVideo
-from server.media_errors import MediaError
 from server.schemas import (
     ChatCompletionRequest,
     ImagePart,
@@ -123,10 +122,7 @@ async def build_engine_inputs(body: ChatCompletionRequest, state: AppState) -> E
             )
         hf_messages.append({"role": message.role, "content": parts})
 
-    try:
-        loaded = await asyncio.gather(*(coroutine for _, coroutine in loaders))
-    except MediaError as exc:
-        raise APIError(exc.status, exc.message, code=exc.code) from exc
+    loaded = await asyncio.gather(*(coroutine for _, coroutine in loaders))
     kinds = [kind for kind, _ in loaders]
     images: list[Image.Image] = [m for k, m in zip(kinds, loaded, strict=True) if k == "image"]
     videos: list[LoadedVideo] = [m for k, m in zip(kinds, loaded, strict=True) if k == "video"]

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from server.media_errors import MediaError
 from server.schemas import ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -89,6 +90,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(
             exc.status, exc.message, param=exc.param, code=exc.code, headers=exc.headers
         )
+
+    @app.exception_handler(MediaError)
+    async def media_error(_: Request, exc: MediaError) -> JSONResponse:
+        return error_response(exc.status, exc.message, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

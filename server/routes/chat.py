@@ -6,6 +6,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -22,6 +23,8 @@ from server.schemas import (
     Choice,
     ChunkChoice,
     Delta,
+    ErrorBody,
+    ErrorResponse,
     Usage,
 )
 from server.state import StateDep, Ticket, require_api_key, require_ready
@@ -31,7 +34,9 @@ ROUTE = "/v1/chat/completions"
 DEFAULT_MAX_TOKENS = 256
 
 
-def _sampling_params(body: ChatCompletionRequest, streaming: bool) -> Any:
+def _sampling_params(body: ChatCompletionRequest) -> Any:
+    """Always delta outputs: a non-streaming request accumulates them, so the time to its
+    first token is measured like a streaming one's."""
     from vllm import SamplingParams
     from vllm.exceptions import VLLMClientError
     from vllm.sampling_params import RequestOutputKind
@@ -48,7 +53,7 @@ def _sampling_params(body: ChatCompletionRequest, streaming: bool) -> Any:
             min_tokens=body.min_tokens or 0,
             ignore_eos=body.ignore_eos,
             max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
-            output_kind=RequestOutputKind.DELTA if streaming else RequestOutputKind.FINAL_ONLY,
+            output_kind=RequestOutputKind.DELTA,
         )
     except (ValueError, VLLMClientError) as exc:
         raise APIError(400, str(exc), code="invalid_request") from exc
@@ -84,12 +89,29 @@ def _record_video_tokens(inputs: EngineInputs) -> None:
     metrics.TOKENS_SAVED.inc(inputs.report.tokens_saved)
 
 
-def _usage(output: Any) -> Usage:
-    prompt = len(output.prompt_token_ids or [])
-    completion = sum(len(c.token_ids) for c in output.outputs)
-    return Usage(
-        prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
-    )
+@dataclass
+class _Completion:
+    """Delta outputs of one request, accumulated per choice."""
+
+    prompt_tokens: int = 0
+    texts: dict[int, str] = field(default_factory=dict)
+    tokens: dict[int, int] = field(default_factory=dict)
+    finish: dict[int, str | None] = field(default_factory=dict)
+
+    def add(self, output: Any) -> None:
+        self.prompt_tokens = len(output.prompt_token_ids or []) or self.prompt_tokens
+        for c in output.outputs:
+            self.texts[c.index] = self.texts.get(c.index, "") + c.text
+            self.tokens[c.index] = self.tokens.get(c.index, 0) + len(c.token_ids)
+            self.finish[c.index] = c.finish_reason
+
+    def usage(self) -> Usage:
+        completion = sum(self.tokens.values())
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
 
 
 async def _first(stream: AsyncIterator[Any]) -> Any:
@@ -131,7 +153,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     try:
         inputs = await build_engine_inputs(body, state)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        params = _sampling_params(body, streaming=body.stream)
+        params = _sampling_params(body)
         outputs = state.engine.generate(inputs.prompt, params, request_id)
         if body.stream:
             first = await _first(outputs)  # engine refusals become 400s, not broken streams
@@ -139,8 +161,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
             streaming = True  # from here the stream owns the ticket and the timing
             stream = _stream(body, inputs, request_id, first, outputs, ticket, timing)
             return StreamingResponse(stream, media_type="text/event-stream")
-        work = asyncio.ensure_future(_final(outputs, ticket, timing))
-        final = await _until_disconnect(request, work)
+        work = asyncio.ensure_future(_collect(outputs, ticket, timing))
+        completion = await _until_disconnect(request, work)
         _record_video_tokens(inputs)
     except BaseException as exc:
         if not streaming:
@@ -149,7 +171,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
     finally:
         if not streaming:
             ticket.release()
-    usage = _usage(final)
+    usage = completion.usage()
     timing.finish(usage.completion_tokens, 200)
     return ChatCompletionResponse(
         id=request_id,
@@ -159,21 +181,24 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
         stts=inputs.report,
         choices=[
             Choice(
-                index=c.index,
-                message=AssistantMessage(content=c.text),
-                finish_reason=c.finish_reason,
+                index=i,
+                message=AssistantMessage(content=completion.texts[i]),
+                finish_reason=completion.finish[i],
             )
-            for c in sorted(final.outputs, key=lambda c: c.index)
+            for i in sorted(completion.texts)
         ],
     )
 
 
-async def _final(outputs: AsyncIterator[Any], ticket: Ticket, timing: _Timing) -> Any:
-    final = await _first(outputs)
-    timing.token(ticket)
-    async for output in outputs:
-        final = output
-    return final
+async def _collect(outputs: AsyncIterator[Any], ticket: Ticket, timing: _Timing) -> _Completion:
+    completion = _Completion()
+    output = await _first(outputs)
+    while output is not None:
+        if any(c.token_ids for c in output.outputs):
+            timing.token(ticket)
+        completion.add(output)
+        output = await anext(outputs, None)
+    return completion
 
 
 def _sse(chunk: ChatCompletionChunk) -> str:
@@ -200,8 +225,7 @@ async def _stream(
             )
         )
 
-    completion_tokens = 0
-    prompt_tokens = 0
+    completion = _Completion()
     status = 200
     try:
         yield chunk(
@@ -209,41 +233,36 @@ async def _stream(
         )
         output = first
         while output is not None:
-            prompt_tokens = len(output.prompt_token_ids or []) or prompt_tokens
-            deltas = []
-            for c in output.outputs:
-                completion_tokens += len(c.token_ids)
-                if c.token_ids:
-                    timing.token(ticket)
-                if c.text or c.finish_reason:
-                    deltas.append(
-                        ChunkChoice(
-                            index=c.index,
-                            delta=Delta(content=c.text or None),
-                            finish_reason=c.finish_reason,
-                        )
-                    )
+            completion.add(output)
+            if any(c.token_ids for c in output.outputs):
+                timing.token(ticket)
+            deltas = [
+                ChunkChoice(
+                    index=c.index,
+                    delta=Delta(content=c.text or None),
+                    finish_reason=c.finish_reason,
+                )
+                for c in output.outputs
+                if c.text or c.finish_reason
+            ]
             if deltas:
                 yield chunk(deltas)
             output = await anext(outputs, None)
         if body.stream_options and body.stream_options.include_usage:
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
-            yield chunk([], usage=usage, stts=inputs.report)
+            yield chunk([], usage=completion.usage(), stts=inputs.report)
         yield "data: [DONE]\n\n"
     except (asyncio.CancelledError, GeneratorExit):
         status = 499
         raise
     except Exception as exc:
         status = 500
-        yield (
-            f'data: {{"error": {{"message": "generation failed: {type(exc).__name__}", '
-            f'"type": "server_error", "param": null, "code": "internal_error"}}}}\n\n'
+        error = ErrorBody(
+            message=f"generation failed: {type(exc).__name__}",
+            type="server_error",
+            code="internal_error",
         )
+        yield f"data: {ErrorResponse(error=error).model_dump_json()}\n\n"
     finally:
         await outputs.aclose()
         ticket.release()
-        timing.finish(completion_tokens, status)
+        timing.finish(completion.usage().completion_tokens, status)

@@ -8,17 +8,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from server import metrics
-from server.errors import APIError
 from server.media_errors import MediaError
 from server.schemas import FileDeleted, FileList, FileObject
 from server.state import StateDep, require_api_key
 from server.video_decode import probe
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_api_key)])
-
-
-def _media_error(exc: MediaError) -> APIError:
-    return APIError(exc.status, exc.message, code=exc.code)
 
 
 def _validate_video(path: Path) -> None:
@@ -36,7 +31,7 @@ async def upload_file(
         record = await state.files.save(file, purpose, _validate_video)
     except MediaError as exc:
         metrics.REQUESTS.labels(route="/v1/files", status=str(exc.status)).inc()
-        raise _media_error(exc) from exc
+        raise
     metrics.REQUESTS.labels(route="/v1/files", status="200").inc()
     return record
 
@@ -48,16 +43,10 @@ async def list_files(state: StateDep) -> FileList:
 
 @router.get("/{file_id}", response_model=FileObject)
 async def get_file(file_id: str, state: StateDep) -> FileObject:
-    try:
-        return state.files.get(file_id)
-    except MediaError as exc:
-        raise _media_error(exc) from exc
+    return state.files.get(file_id)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
 async def delete_file(file_id: str, state: StateDep) -> FileDeleted:
-    try:
-        await state.files.delete(file_id)
-    except MediaError as exc:
-        raise _media_error(exc) from exc
+    await state.files.delete(file_id)
     return FileDeleted(id=file_id, deleted=True)

@@ -4,71 +4,34 @@
 from __future__ import annotations
 
 import base64
-import os
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from media import encode_mp4, moving_square_video
 
 from stts_vllm.core import retained_count
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.processes import free_port, running_server, server_env
 
 
 @pytest.fixture(scope="module")
 def server(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("w+")
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stts_vllm.cli",
-            "serve-demo",
-            str(demo_ckpt),
-            "--port",
-            str(port),
-            "--max-model-len",
-            "8192",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"server exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("server did not become healthy in 240 s")
+    port = free_port()
+    argv = [
+        sys.executable,
+        "-m",
+        "stts_vllm.cli",
+        "serve-demo",
+        str(demo_ckpt),
+        "--port",
+        str(port),
+        "--max-model-len",
+        "8192",
+    ]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with running_server(argv, f"http://127.0.0.1:{port}", "/health", log, server_env()) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
 
 
 def test_demo_server_answers_a_video_question(server: str) -> None:

@@ -28,6 +28,7 @@ lint: install
 	.venv/bin/ruff format --check .
 
 test: install
+	bash scripts/install_test_tools.sh
 	.venv/bin/ruff check .
 	bash scripts/run_tests.sh
 

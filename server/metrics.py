@@ -44,3 +44,10 @@ TOKENS_SAVED = Counter("stts_video_tokens_saved_total", "Video tokens removed by
 IN_FLIGHT = Gauge("stts_requests_in_flight", "Admitted requests not yet finished")
 QUEUED = Gauge("stts_requests_queued", "Admitted requests still waiting for their first token")
 REJECTED = Counter("stts_requests_rejected_total", "Requests refused for overload (429)")
+
+# Labelled series exist from start-up (zero), so dashboards and alerts never watch nothing.
+for _route in ("/v1/chat/completions", "/v1/files"):
+    REQUESTS.labels(route=_route, status="200")
+    REQUEST_SECONDS.labels(route=_route)
+for _outcome in ("hit", "miss"):
+    DECODES.labels(cache=_outcome)

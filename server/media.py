@@ -46,7 +46,6 @@ class LoadedVideo:
     duration: float | None
     plan: FramePlan
     cache_hit: bool
-    digest: str
 
 
 class DecodedCache:
@@ -270,7 +269,7 @@ class MediaLoader:
         metrics.DECODES.labels(cache="hit" if hit else "miss").inc()
         span = plan.times[-1] - plan.times[0] if plan.num_frames > 1 else 0.0
         fps_sampled = (plan.num_frames - 1) / span if span > 0 else fps
-        return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit, media.digest)
+        return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit)
 
     async def frames_video(self, urls: list[str], *, fps: float) -> LoadedVideo:
         """A video sent as a run of frame images (time order), e.g. lmms-eval's clients."""
@@ -282,6 +281,5 @@ class MediaLoader:
         )
         times = [i / fps for i in range(len(images))]
         plan = FramePlan(times=times, size=size, test_time_scaled=False)
-        digest = hashlib.sha256(frames.tobytes()).hexdigest()
         metrics.DECODES.labels(cache="miss").inc()
-        return LoadedVideo(frames, fps, len(images) / fps, plan, False, digest)
+        return LoadedVideo(frames, fps, len(images) / fps, plan, False)

@@ -161,10 +161,16 @@ def pruned_vision_forward(
     window_index = meta["window_index"]
     hidden = hidden.view(-1, unit_size, dim)[window_index].reshape(seq_len, 1, dim)
 
+    # Unpruned blocks use the stock metadata as is; the biased block needs the plain offsets
+    # (backends such as FlashInfer rewrite them), which the all-kept packing gives.
     dense = pack_kept_units(grids, [None] * len(grids), window, unit_size)
     dense_meta = {
-        "full": _varlen_metadata(visual, dense.cu_seqlens),
-        "window": _varlen_metadata(visual, dense.cu_window_seqlens),
+        kind: {
+            "cu_seqlens": meta[cu],
+            "max_seqlen": meta[f"max_seqlen_{kind}"],
+            "sequence_lengths": meta.get(f"sequence_lengths_{kind}"),
+        }
+        for kind, cu in (("full", "cu_seqlens"), ("window", "cu_window_seqlens"))
     }
 
     def run_block(

@@ -21,6 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     if not (settings.model / "config.json").exists():
         raise SystemExit(f"no checkpoint at {settings.model} (make one: stts-vllm make-demo DIR)")
     from server.app import create_app
+    from server.engine import EngineService
+
+    try:
+        EngineService(settings).engine_args()
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
 
     uvicorn.run(
         create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=10

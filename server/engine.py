@@ -54,6 +54,25 @@ def read_model_facts(settings: Settings) -> ModelFacts:
     return ModelFacts(is_stts=is_stts, default_keep_ratio=keep, geometry=geometry)
 
 
+def merge_engine_args(named: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`--engine-args` reaches every vLLM knob the server has no flag for (data parallel,
+    quantization, KV-cache dtype, ...) without a second copy of vLLM's argument list; a typo or a
+    knob that already has its own flag fails at start-up, not silently."""
+    from dataclasses import fields
+
+    from vllm import AsyncEngineArgs
+
+    known = {f.name for f in fields(AsyncEngineArgs)}
+    unknown = sorted(set(extra) - known)
+    if unknown:
+        raise ValueError(f"--engine-args: not vLLM engine arguments: {unknown}")
+    twice = sorted(set(extra) & set(named))
+    if twice:
+        flags = ", ".join("--" + k.replace("_", "-") for k in twice)
+        raise ValueError(f"--engine-args: {twice} have their own flags; use {flags}")
+    return {**named, **extra}
+
+
 class EngineService:
     """Owns the `AsyncLLM`; started in the app lifespan, shut down with it."""
 
@@ -64,11 +83,11 @@ class EngineService:
         self.tokenizer: Any = None
         self.ready = asyncio.Event()
 
-    def _engine_args(self) -> Any:
+    def engine_args(self) -> Any:
         from vllm import AsyncEngineArgs
 
         s = self.settings
-        return AsyncEngineArgs(
+        named = dict(
             model=str(s.model),
             served_model_name=[s.served_model_name],
             dtype=s.dtype,
@@ -84,12 +103,13 @@ class EngineService:
             },
             disable_log_stats=False,
         )
+        return AsyncEngineArgs(**merge_engine_args(named, s.engine_args))
 
     async def start(self) -> None:
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = self._engine_args()
+        args = self.engine_args()
         self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.settings.model)
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.ready.set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,11 @@ class Settings(BaseSettings):
     max_num_seqs: int = 64
     limit_videos_per_prompt: int = 2
     limit_images_per_prompt: int = 8
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="any other vLLM engine argument, as JSON, e.g. "
+        '\'{"data_parallel_size": 2, "kv_cache_dtype": "fp8"}\' (names as in vllm.EngineArgs)',
+    )
 
     # -- HTTP --
     host: str = "127.0.0.1"

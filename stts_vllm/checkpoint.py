@@ -88,6 +88,28 @@ TEXT_CONFIG: dict[str, Any] = {
     },
     "rms_norm_eps": 1e-6,
 }
+# The "bench" geometry of DESIGN.md §4b: small enough for a CPU, shaped like a real model
+# (ViT depth 32 with full attention every 8th block, an 8-layer GQA LLM), so the ViT / LLM cost
+# split resembles Qwen2.5-VL's and speedups compare with the EVS figures measured there.
+BENCH_GEOMETRY: dict[str, Any] = {
+    "vit_depth": 32,
+    "fullatt_blocks": [7, 15, 23, 31],
+    "prune_at": 3,
+    "vision": {"hidden_size": 256, "num_heads": 4, "intermediate_size": 1024},
+    "text": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "max_window_layers": 8,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1000000.0,
+            "mrope_section": [8, 12, 12],
+        },
+    },
+}
 VOCAB_MULTIPLE = 64  # embedding rows are padded like real checkpoints (151665 tokens -> 152064)
 # Pixel bounds keep demo videos to a handful of tokens per frame (4..256 merged units).
 MIN_PIXELS = 28 * 28 * 4
@@ -198,6 +220,29 @@ def set_architecture(ckpt_dir: Path, arch: str) -> None:
     config = read_config(ckpt_dir)
     config["architectures"] = [arch]
     _write_json(Path(ckpt_dir) / CONFIG_FILE, config)
+
+
+def derive(
+    src: Path, out: Path, *, stts: Mapping[str, Any] | None = None, stock: bool = False
+) -> Path:
+    """A view of checkpoint `src` with other settings, weights linked, not copied: `stts`
+    overrides fields of its `stts` block (e.g. `{"scorer": "random"}`); `stock=True` gives the
+    same weights under the stock architecture (no `stts` block, no scorer file), as EVS and
+    keep-1.0 baselines need."""
+    src, out = Path(src), Path(out)
+    out.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name == CONFIG_FILE or (stock and item.name == SCORER_FILE):
+            continue
+        (out / item.name).symlink_to(item.resolve())
+    config = read_config(src)
+    if stock:
+        config["architectures"] = [STOCK_ARCHITECTURE]
+        config.pop("stts", None)
+    _write_json(out / CONFIG_FILE, config)
+    if stts and not stock:
+        write_stts_block(out, {**config.get("stts", {}), **stts})
+    return out
 
 
 def write_stts_block(ckpt_dir: Path, stts: Mapping[str, Any]) -> STTSConfig:
@@ -364,6 +409,8 @@ def demo_config(
     tokenizer: PreTrainedTokenizerBase,
     vit_depth: int = 4,
     fullatt_blocks: list[int] | None = None,
+    vision_overrides: Mapping[str, Any] | None = None,
+    text_overrides: Mapping[str, Any] | None = None,
 ) -> Qwen2_5_VLConfig:
     """The tiny Qwen2.5-VL config (transformers v5 layout: nested `text_config` /
     `vision_config`, `rope_parameters` with `mrope_section`), token ids from `tokenizer`."""
@@ -372,17 +419,25 @@ def demo_config(
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     # deep copies: the config classes edit rope_parameters in place
-    text = copy.deepcopy(TEXT_CONFIG) | {
-        "vocab_size": vocab_size,
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-    }
-    vision = copy.deepcopy(VISION_CONFIG) | {
-        "depth": vit_depth,
-        "out_hidden_size": TEXT_CONFIG["hidden_size"],
-        "fullatt_block_indexes": fullatt_blocks or [vit_depth - 1],
-    }
+    text = (
+        copy.deepcopy(TEXT_CONFIG)
+        | copy.deepcopy(dict(text_overrides or {}))
+        | {
+            "vocab_size": vocab_size,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        }
+    )
+    vision = (
+        copy.deepcopy(VISION_CONFIG)
+        | dict(vision_overrides or {})
+        | {
+            "depth": vit_depth,
+            "out_hidden_size": text["hidden_size"],
+            "fullatt_block_indexes": fullatt_blocks or [vit_depth - 1],
+        }
+    )
     return Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
@@ -443,6 +498,21 @@ def _save_generation_config(tokenizer: PreTrainedTokenizerBase, out: Path) -> No
     ).save_pretrained(out)
 
 
+def make_bench(out: Path, *, scorer: str = "learned", overwrite: bool = False) -> Path:
+    """The random "bench" geometry checkpoint (DESIGN.md §4b) for speed measurements."""
+    g = BENCH_GEOMETRY
+    return make_demo(
+        out,
+        scorer=scorer,
+        prune_at=g["prune_at"],
+        vit_depth=g["vit_depth"],
+        fullatt_blocks=g["fullatt_blocks"],
+        vision_overrides=g["vision"],
+        text_overrides=g["text"],
+        overwrite=overwrite,
+    )
+
+
 def make_demo(
     out: Path,
     *,
@@ -454,8 +524,12 @@ def make_demo(
     fullatt_blocks: list[int] | None = None,
     scorer_hidden_size: int | None = None,
     overwrite: bool = False,
+    vision_overrides: Mapping[str, Any] | None = None,
+    text_overrides: Mapping[str, Any] | None = None,
 ) -> Path:
     """Build a tiny random STTS Qwen2.5-VL checkpoint at `out`, fully offline.
+
+    `vision_overrides` / `text_overrides` change the geometry (e.g. `BENCH_GEOMETRY`).
 
     The model's weights depend only on `seed` (byte-identical across builds); with
     `scorer="learned"` a randomly initialised scorer (same seed) is saved as
@@ -475,12 +549,13 @@ def make_demo(
     tokenizer = build_tokenizer()
     if fullatt_blocks is not None and not all(0 <= b < vit_depth for b in fullatt_blocks):
         raise ValueError(f"fullatt_blocks must be block indexes below {vit_depth}")
-    config = demo_config(tokenizer, vit_depth, fullatt_blocks)
+    config = demo_config(tokenizer, vit_depth, fullatt_blocks, vision_overrides, text_overrides)
     _save_random_weights(config, out, seed)
     _save_processor(tokenizer, out)
     _save_generation_config(tokenizer, out)
     if stts.scorer == "learned":
-        weights = random_scorer_state_dict(VISION_CONFIG["hidden_size"], scorer_hidden_size, seed)
+        width = config.vision_config.hidden_size
+        weights = random_scorer_state_dict(width, scorer_hidden_size, seed)
         scorer_state_dict_to_file(weights, out / SCORER_FILE)
 
     set_architecture(out, STTS_ARCHITECTURE)

@@ -109,6 +109,66 @@ class ServeDemo(BaseModel):
         os.execv(sys.executable, argv)
 
 
+class Train(BaseModel):
+    """Train STTS on procedural video QA (transformers model, the same STTS core as vLLM).
+
+    Without `--init` a fresh tiny demo model (learned scorer) is built under OUT/init and
+    trained from scratch. The result, OUT/checkpoint, is an STTS checkpoint vLLM serves as is.
+    """
+
+    out: CliPositionalArg[Path]
+    init: Path | None = Field(None, description="checkpoint to start from (default: fresh demo)")
+    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    scorer_lr: float = 1e-3
+    aux_weight: float = 0.5
+    eval_every: int = 250
+    eval_samples: int = 100
+    save_every: int = 250
+    seed: int = 0
+    resume: bool = Field(False, description="continue from OUT/last if it exists")
+
+    def cli_cmd(self) -> None:
+        import logging
+
+        from stts_vllm.checkpoint import make_demo
+        from stts_vllm.training.train import TrainConfig, train
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        init = self.init
+        if init is None:
+            init = self.out / "init"
+            if not (init / "config.json").is_file():
+                make_demo(init, seed=self.seed, scorer="learned", overwrite=True)
+        fields = self.model_dump(exclude={"out", "init"})
+        path = train(TrainConfig(init=init, out=self.out, **fields))
+        print(f"trained STTS checkpoint: {path}")
+
+
+class Eval(BaseModel):
+    """Accuracy, video tokens and time of none / random / EVS / STTS heuristic / STTS learned
+    on a procedural video-QA split; prints a table, writes OUT/eval.json and OUT/eval.png."""
+
+    checkpoint: CliPositionalArg[Path]
+    out: Path = Path("artifacts/eval")
+    samples: int = Field(200, description="questions per row")
+    ratios: list[float] = Field([0.5, 0.3], description="keep ratios to compare at")
+    methods: list[str] = Field(
+        ["none", "random", "evs", "heuristic", "learned"], description="rows to run"
+    )
+    long: bool = Field(True, description="also the long-video test-time scaling rows")
+    server: str | None = Field(None, description="evaluate through this server's HTTP API")
+    api_key: str | None = None
+    compare_hf: int = Field(0, description="also check N answers against the HF model")
+
+    def cli_cmd(self) -> None:
+        from stts_vllm.training.evaluate import run_eval
+
+        run_eval(self)
+
+
 class Main(BaseSettings):
     """STTS video token pruning for vLLM."""
 
@@ -117,6 +177,8 @@ class Main(BaseSettings):
     make_demo: CliSubCommand[MakeDemo]
     convert: CliSubCommand[Convert]
     serve_demo: CliSubCommand[ServeDemo]
+    train: CliSubCommand[Train]
+    eval: CliSubCommand[Eval]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

@@ -22,10 +22,10 @@ from vllm.model_executor.models.utils import cast_overflow_tensors
 from stts_vllm.core import (
     STTSConfig,
     STTSScorer,
-    heuristic_scores,
     key_bias,
     pack_kept_units,
     retention_mask,
+    score_units,
     token_rows,
     varlen_attention,
 )
@@ -127,15 +127,6 @@ def _varlen_metadata(
     }
 
 
-def _score_units(
-    units: torch.Tensor, config: STTSConfig, scorer: STTSScorer | None
-) -> torch.Tensor:
-    if config.scorer == "learned":
-        assert scorer is not None
-        return scorer(units)
-    return heuristic_scores(units)
-
-
 def pruned_vision_forward(
     visual: Qwen2_5_VisionTransformer,
     pixel_values: torch.Tensor,
@@ -194,9 +185,9 @@ def pruned_vision_forward(
             biases.append(torch.zeros(count, device=hidden.device))
         else:
             item_units = units[offset : offset + count].view(t, h * w, unit_size, dim)
-            scores = _score_units(item_units, config, scorer)
+            scores = score_units(item_units, config.scorer, scorer)
             keep_masks.append(retention_mask(scores, keep).reshape(-1))
-            biases.append(key_bias(scores, config.bias_floor).reshape(-1))
+            biases.append(key_bias(scores, config.bias_floor, config.scorer).reshape(-1))
         offset += count
     unit_bias = torch.cat(biases)[window_index]
     patch_bias = unit_bias.repeat_interleave(unit_size)

@@ -78,3 +78,16 @@ def test_key_bias_passes_gradient_to_scores() -> None:
     scores = torch.rand(3, 5, requires_grad=True)
     key_bias(scores).sum().backward()
     assert scores.grad is not None and bool(scores.grad[1:].abs().sum() > 0)
+
+
+def test_random_scores_are_reproducible_and_mute_nothing() -> None:
+    """The random-pruning baseline: same video shape, same choice; the first step is kept;
+    no key bias (random pruning only drops units)."""
+    from stts_vllm.core import key_bias, random_scores, retention_mask, score_units
+
+    units = _units(steps=4)
+    a, b = random_scores(units), score_units(units, "random", None)
+    assert torch.equal(a, b) and bool((a[0] == 1.0).all())
+    assert bool(retention_mask(a, 0.5)[0].all())
+    assert torch.count_nonzero(key_bias(a, -2.0, "random")) == 0
+    assert torch.count_nonzero(key_bias(a, -2.0, "heuristic")) > 0

@@ -6,8 +6,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
-ScorerKind = Literal["learned", "heuristic"]
-SCORER_KINDS: tuple[str, ...] = ("learned", "heuristic")
+ScorerKind = Literal["learned", "heuristic", "random"]
+SCORER_KINDS: tuple[str, ...] = ("learned", "heuristic", "random")
+"""`random` is the paper's baseline: same place, same count, no scores and no key bias."""
 
 
 class STTSConfigError(ValueError):

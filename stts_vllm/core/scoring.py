@@ -75,6 +75,28 @@ def heuristic_scores(units: torch.Tensor) -> torch.Tensor:
     return torch.cat([first.float(), target], dim=0)
 
 
+def random_scores(units: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The random-pruning baseline: i.i.d. uniform scores (first step 1), reproducible for a
+    given seed and video shape."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.rand(units.shape[:2], generator=generator)
+    scores[0] = 1.0
+    return scores.to(units.device)
+
+
+def score_units(units: torch.Tensor, kind: str, scorer: nn.Module | None) -> torch.Tensor:
+    """`[T, U, m, D]` units -> `[T, U]` scores for a scorer kind (`STTSConfig.scorer`)."""
+    if kind == "learned":
+        if scorer is None:
+            raise ValueError("the learned scorer needs its weights")
+        return scorer(units)
+    if kind == "heuristic":
+        return heuristic_scores(units)
+    if kind == "random":
+        return random_scores(units)
+    raise ValueError(f"unknown scorer kind {kind!r}")
+
+
 def temporal_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The auxiliary loss: MSE between the scores of prunable steps (t >= 1) and the target."""
     if scores.shape[0] < 2:
@@ -82,13 +104,15 @@ def temporal_loss(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(scores[1:].float(), target.float())
 
 
-def key_bias(scores: torch.Tensor, floor: float = -2.0) -> torch.Tensor:
+def key_bias(scores: torch.Tensor, floor: float = -2.0, kind: str = "learned") -> torch.Tensor:
     """Scores -> the additive key bias of block `prune_at + 1`: `log` of the scores min-max
     rescaled per step into `[e^floor, 1]`; the first step (always kept) gets 0.
 
     This is how the LLM's gradient reaches the scorer: a low score mutes a unit's keys
     before it is dropped, so keeping the wrong unit costs loss.
     """
+    if kind == "random":  # random pruning only drops units; it mutes nothing
+        return torch.zeros_like(scores, dtype=torch.float32)
     lo = math.exp(floor)
     rest = scores[1:].float()
     mn = rest.amin(dim=-1, keepdim=True)

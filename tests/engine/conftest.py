@@ -19,7 +19,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from stts_vllm.checkpoint import STOCK_ARCHITECTURE, make_demo, read_config
+from stts_vllm.checkpoint import derive, make_demo
 
 ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
@@ -34,17 +34,7 @@ DEMO_SHAPE = {"vit_depth": 4, "prune_at": 1}
 
 def stock_copy(src: Path, out: Path) -> Path:
     """The same weights under the stock architecture (links, a rewritten config)."""
-    import json
-
-    out.mkdir(parents=True)
-    for item in src.iterdir():
-        if item.name not in ("config.json", "stts_scorer.safetensors"):
-            (out / item.name).symlink_to(item)
-    config = read_config(src)
-    config["architectures"] = [STOCK_ARCHITECTURE]
-    config.pop("stts", None)
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    return out
+    return derive(src, out, stock=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -386,3 +387,34 @@ def test_test_time_scaling_is_on_by_default_for_long_videos(server: Server) -> N
     assert report["videos"][0]["frames_sampled"] == 40  # 2 fps x 40 s = 80 wanted, 40 exist
     short = _report(server, {"keep_ratio": 0.5})  # the 10 s video
     assert not short["test_time_scaling"]
+
+
+def test_eval_through_the_http_api(server: Server, tmp_path: Path) -> None:
+    """`stts-vllm eval --server URL`: the same questions as offline, as frame lists over HTTP;
+    the server reports the video tokens it really used."""
+    from types import SimpleNamespace
+
+    from stts_vllm.training.evaluate import run_eval
+
+    args = SimpleNamespace(
+        checkpoint=Path("-"),
+        out=tmp_path / "eval",
+        samples=2,
+        ratios=[0.5],
+        methods=[],
+        long=True,
+        server=server.url,
+        api_key=API_KEY,
+        compare_hf=0,
+    )
+    rows = {r["mode"]: r for r in run_eval(args)["results"]}
+    assert set(rows) == {
+        "test/none/16f",
+        "test/server@0.5/16f",
+        "long/none/16f",
+        "long/server@0.5/32f",
+    }
+    assert rows["test/none/16f"]["video_tokens_mean"] == 288
+    assert rows["test/server@0.5/16f"]["video_tokens_mean"] == 144
+    assert rows["long/server@0.5/32f"]["video_tokens_mean"] == 288
+    assert (tmp_path / "eval" / "eval.png").is_file()

@@ -1,0 +1,282 @@
+"""transformers' Qwen2.5-VL with STTS in its vision tower: the model training runs.
+
+Loss = LM loss on the answer tokens + `aux_weight` x the scorer's temporal loss. Several
+samples share one sequence (packed: transformers starts a new causal block wherever the text
+position row restarts), and kept video tokens sit at their original (t, h, w) M-RoPE
+positions, exactly where vLLM's STTS model puts them, so a checkpoint saved here serves as is.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from stts_vllm.checkpoint import (
+    SCORER_FILE,
+    SCORER_PREFIX,
+    STTS_ARCHITECTURE,
+    read_config,
+    scorer_state_dict_to_file,
+    set_architecture,
+    write_stts_block,
+)
+from stts_vllm.core import STTSConfig, STTSScorer, mrope_positions
+from stts_vllm.training.hf_vision import pruned_vision_forward
+from stts_vllm.training.videoqa import VideoQA
+
+# Files a checkpoint directory carries besides weights and config (tokenizer, processor).
+_SIDE_FILES = (
+    "chat_template.jinja",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "video_preprocessor_config.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+def chat_prompt(tokenizer: Any, question: str) -> str:
+    """The prompt of training and of every eval path: the chat template around one video and
+    the question, ready for the answer word."""
+    content = [{"type": "video"}, {"type": "text", "text": question}]
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+
+
+@dataclass
+class Prepared:
+    """One sample, tokenized and preprocessed: the prompt around the video placeholder, the
+    answer's token ids (answer word + end of turn), and the video's pixels and grid."""
+
+    prefix: list[int]
+    suffix: list[int]
+    answer: list[int]
+    pixel_values: torch.Tensor
+    grid: tuple[int, int, int]  # (T, H, W) in patches, as the processor gives it
+    t_factor: float
+    sample: VideoQA
+
+
+@dataclass
+class Outputs:
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    temporal_loss: torch.Tensor
+    answer_logits: list[torch.Tensor]  # per sample: logits for its first answer token
+    video_tokens: list[int]  # per sample, after pruning
+    scores: list[torch.Tensor | None]
+    targets: list[torch.Tensor | None]
+
+
+class STTSVideoQAModel(nn.Module):
+    def __init__(self, hf: nn.Module, processor: Any, stts: STTSConfig, scorer: nn.Module | None):
+        super().__init__()
+        self.hf = hf
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.stts = stts
+        self.scorer = scorer
+        self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        vision = hf.config.vision_config
+        self.unit = vision.spatial_merge_size
+        self.seconds_per_step_factor = vision.temporal_patch_size * vision.tokens_per_second
+        self.row_tokens = 1024
+
+    # -- loading and saving --
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, scorer: str = "learned") -> STTSVideoQAModel:
+        """Load an STTS (or stock) Qwen2.5-VL directory; a learned scorer without weights in
+        the checkpoint starts from a fresh initialisation."""
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        path = Path(path)
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        processor = AutoProcessor.from_pretrained(path)
+        raw = dict(read_config(path).get("stts") or {})
+        raw["scorer"] = scorer
+        stts = STTSConfig.from_dict(raw)
+        module = None
+        if scorer == "learned":
+            width = hf.config.vision_config.hidden_size
+            module = STTSScorer(width, stts.scorer_hidden_size or width)
+            if (path / SCORER_FILE).is_file():
+                state = load_file(str(path / SCORER_FILE))
+                module.load_state_dict({k.removeprefix(SCORER_PREFIX): v for k, v in state.items()})
+        return cls(hf, processor, stts, module)
+
+    def save(self, out: Path, source: Path) -> Path:
+        """Write an STTS checkpoint directory that vLLM's plugin serves as is."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(out)
+        for name in _SIDE_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, out / name)
+        set_architecture(out, STTS_ARCHITECTURE)
+        write_stts_block(out, self.stts.to_dict())
+        if self.scorer is not None:
+            scorer_state_dict_to_file(self.scorer.state_dict(), out / SCORER_FILE)
+        # A stale generation config from save_pretrained must not override greedy decoding.
+        if (Path(source) / "generation_config.json").is_file():
+            shutil.copyfile(Path(source) / "generation_config.json", out / "generation_config.json")
+        return out
+
+    # -- inputs --
+
+    def answer_ids(self, word: str) -> list[int]:
+        ids = self.tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(ids) != 1:
+            raise ValueError(f"answer {word!r} is {len(ids)} tokens in this tokenizer, not one")
+        return ids
+
+    def prepare(self, sample: VideoQA) -> Prepared:
+        ids = self.tokenizer.encode(
+            chat_prompt(self.tokenizer, sample.question), add_special_tokens=False
+        )
+        at = ids.index(self.video_pad)
+        video = self.processor.video_processor(
+            videos=[sample.frames], do_sample_frames=False, return_tensors="pt"
+        )
+        grid = tuple(int(x) for x in video["video_grid_thw"][0])
+        return Prepared(
+            prefix=ids[:at],
+            suffix=ids[at + 1 :],
+            answer=[*self.answer_ids(sample.answer), self.end_of_turn],
+            pixel_values=video["pixel_values_videos"],
+            grid=grid,  # type: ignore[arg-type]
+            t_factor=self.seconds_per_step_factor / sample.fps,
+            sample=sample,
+        )
+
+    def _positions(
+        self, item: Prepared, keep: torch.Tensor | None, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[3, n]` M-RoPE and `[n]` text positions of one packed sample (prompt + answer):
+        as vLLM computes them, text after the video resumes past its unpruned extent."""
+        t, h, w = item.grid
+        grid = mrope_positions(t, h // self.unit, w // self.unit, item.t_factor)
+        kept = grid if keep is None else grid[:, keep.cpu()]
+        base = len(item.prefix)
+        after = base + int(grid.max()) + 1
+        rest = length - base - kept.shape[1]
+        positions = torch.cat(
+            [
+                torch.arange(base).expand(3, -1),
+                kept + base,
+                torch.arange(rest).expand(3, -1) + after,
+            ],
+            dim=1,
+        )
+        return positions, torch.arange(length)
+
+    # -- forward --
+
+    def forward(
+        self, batch: Sequence[Prepared], keep_ratios: Sequence[float], aux_weight: float = 0.5
+    ) -> Outputs:
+        device = next(self.hf.parameters()).device
+        vision = pruned_vision_forward(
+            self.hf.model.visual,
+            torch.cat([b.pixel_values for b in batch]).to(device),
+            [b.grid for b in batch],
+            keep_ratios,
+            config=self.stts,
+            scorer=self.scorer,
+        )
+        embed = self.hf.model.get_input_embeddings()
+        segments = []  # per sample: embeddings, [4, n] positions, answer rows (local)
+        targets: list[int] = []
+        for item, video, keep in zip(batch, vision.embeds, vision.keep_masks, strict=True):
+            # The last answer token is only a target, never an input.
+            tail = item.suffix + item.answer[:-1]
+            embeds = torch.cat(
+                [
+                    embed(torch.tensor(item.prefix, device=device)),
+                    video.to(embed.weight.dtype),
+                    embed(torch.tensor(tail, device=device)),
+                ]
+            )
+            mrope, text = self._positions(item, keep, embeds.shape[0])
+            first = len(item.prefix) + video.shape[0] + len(item.suffix) - 1
+            answer_rows = list(range(first, first + len(item.answer)))
+            segments.append((embeds, torch.cat([text.view(1, -1), mrope]), answer_rows))
+            targets += item.answer
+        hidden = self._packed_llm(segments, device)
+        logits = self.hf.lm_head(hidden)
+        lm_loss = F.cross_entropy(logits.float(), torch.tensor(targets, device=device))
+        temporal = vision.temporal_loss
+        if temporal is None:
+            temporal = logits.new_zeros(())
+        firsts, start = [], 0
+        for item in batch:
+            firsts.append(logits[start].detach())
+            start += len(item.answer)
+        return Outputs(
+            loss=lm_loss + aux_weight * temporal,
+            lm_loss=lm_loss.detach(),
+            temporal_loss=temporal.detach(),
+            answer_logits=firsts,
+            video_tokens=[e.shape[0] for e in vision.embeds],
+            scores=vision.scores,
+            targets=vision.targets,
+        )
+
+    def _packed_llm(self, segments: list, device: torch.device) -> torch.Tensor:
+        """Run the LLM on samples packed into rows of about `row_tokens` tokens (attention
+        is quadratic in the row, so one huge row would waste most of it on masked pairs);
+        returns the hidden states of every sample's answer rows, in sample order."""
+        rows: list[list[int]] = [[]]
+        used = 0
+        for i, (embeds, _, _) in enumerate(segments):
+            if rows[-1] and used + embeds.shape[0] > self.row_tokens:
+                rows.append([])
+                used = 0
+            rows[-1].append(i)
+            used += embeds.shape[0]
+        lengths = [sum(segments[i][0].shape[0] for i in row) for row in rows]
+        width = max(lengths)
+        inputs, positions, picks = [], [], []
+        for r, (row, length) in enumerate(zip(rows, lengths, strict=True)):
+            parts = [segments[i][0] for i in row]
+            pos = [segments[i][1] for i in row]
+            offset = 0
+            for i in row:
+                picks += [(r, offset + a) for a in segments[i][2]]
+                offset += segments[i][0].shape[0]
+            if length < width:  # padding: its own packed block, never attended to
+                pad = width - length
+                parts.append(parts[0].new_zeros(pad, parts[0].shape[1]))
+                pos.append(torch.arange(pad).expand(4, -1))
+            inputs.append(torch.cat(parts))
+            positions.append(torch.cat(pos, dim=1))
+        hidden = self.hf.model.language_model(
+            inputs_embeds=torch.stack(inputs),
+            position_ids=torch.stack(positions, dim=1).to(device),
+            use_cache=False,
+        ).last_hidden_state
+        index = torch.tensor(picks, device=device)
+        return hidden[index[:, 0], index[:, 1]]
+
+    @torch.no_grad()
+    def predict(self, batch: Sequence[Prepared], keep_ratio: float) -> list[str]:
+        """Greedy first answer token, decoded and stripped: what vLLM answers at temperature 0."""
+        out = self.forward(batch, [keep_ratio] * len(batch))
+        ids = [int(logits.argmax()) for logits in out.answer_logits]
+        return [self.tokenizer.decode([i]).strip() for i in ids]

@@ -1,0 +1,219 @@
+"""The training loop behind `stts-vllm train`.
+
+Modes: `scratch` trains every weight of a checkpoint (e.g. a fresh tiny demo); `scorer` freezes
+a base model and trains only the scorer; `scorer+llm` also trains the LLM. Each step packs
+`batch_size` procedural samples into one sequence; keep ratios are drawn per sample from
+`keep_ratios`, so the model learns to answer at every budget it will be served at. Progress
+goes to a tqdm bar and a JSON-lines log; `resume` continues from the last saved state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from stts_vllm.training.model import Prepared, STTSVideoQAModel
+from stts_vllm.training.videoqa import make_sample
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    init: Path
+    out: Path
+    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    scorer_lr: float = 1e-3
+    warmup: int = 100
+    aux_weight: float = 0.5
+    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.5, 0.3)
+    frames: tuple[int, ...] = (16, 16, 16, 8, 32)
+    eval_every: int = 250
+    eval_samples: int = 100
+    save_every: int = 250
+    seed: int = 0
+    threads: int | None = None
+    resume: bool = False
+
+
+def _trainable(model: STTSVideoQAModel, mode: str) -> list[dict]:
+    scorer = list(model.scorer.parameters()) if model.scorer is not None else []
+    if mode == "scratch":
+        base = list(model.hf.parameters())
+    elif mode == "scorer+llm":
+        base = list(model.hf.model.language_model.parameters()) + list(
+            model.hf.lm_head.parameters()
+        )
+    else:
+        base = []
+    wanted = {id(p) for p in base + scorer}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in wanted)
+    groups = [{"params": scorer, "name": "scorer"}]
+    if base:
+        groups.append({"params": base, "name": "base"})
+    return groups
+
+
+def _schedule(step: int, config: TrainConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _batch(
+    model: STTSVideoQAModel, step: int, config: TrainConfig
+) -> tuple[list[Prepared], list[float]]:
+    """Deterministic in (seed, step): a resumed run sees the same samples."""
+    rng = random.Random(config.seed * 1_000_003 + step)
+    frames = rng.choice(config.frames)
+    first = (config.seed * 10_000_000 + step * config.batch_size) % 9_000_000
+    items = [
+        model.prepare(make_sample(first + i, "train", frames)) for i in range(config.batch_size)
+    ]
+    keeps = [rng.choice(config.keep_ratios) for _ in items]
+    return items, keeps
+
+
+@torch.no_grad()
+def evaluate(
+    model: STTSVideoQAModel, split: str, count: int, keep_ratio: float, frames: int = 16
+) -> dict:
+    """Accuracy of greedy first-token answers on `count` samples of `split`, and the
+    correlation of learned scores with the temporal target on them."""
+    model.eval()
+    correct, scores, targets = 0, [], []
+    for start in range(0, count, 16):
+        batch = [
+            model.prepare(make_sample(s, split, frames))
+            for s in range(start, min(count, start + 16))
+        ]
+        out = model(batch, [keep_ratio] * len(batch))
+        for item, logits in zip(batch, out.answer_logits, strict=True):
+            correct += int(int(logits.argmax()) == item.answer[0])
+        for s, t in zip(out.scores, out.targets, strict=True):
+            if s is not None and t is not None and t.numel():
+                scores.append(s[1:].flatten().float())
+                targets.append(t.flatten().float())
+    model.train()
+    result = {
+        "split": split,
+        "keep_ratio": keep_ratio,
+        "accuracy": correct / count,
+        "samples": count,
+    }
+    if scores:
+        result["score_target_corr"] = pearson(torch.cat(scores), torch.cat(targets))
+    return result
+
+
+def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a - a.mean(), b - b.mean()
+    denom = (a.norm() * b.norm()).clamp_min(1e-12)
+    return float((a * b).sum() / denom)
+
+
+def train(config: TrainConfig) -> Path:
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "last" / STATE_FILE
+    source = Path(config.init)
+    if config.resume and state_path.is_file():
+        source = out / "last"
+    model = STTSVideoQAModel.from_checkpoint(source, scorer="learned")
+    model.train()
+    groups = _trainable(model, config.mode)
+    for group in groups:
+        group["lr"] = config.scorer_lr if group["name"] == "scorer" else config.lr
+        group["base_lr"] = group["lr"]
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
+    start = 0
+    if source != Path(config.init):
+        state = torch.load(state_path, weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        torch.set_rng_state(state["rng"])
+        logger.info("resumed from %s at step %d", source, start)
+    log = (out / LOG_FILE).open("a")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train")
+    window: list[dict] = []
+    for step in bar:
+        t0 = time.perf_counter()
+        batch, keeps = _batch(model, step, config)
+        t1 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * _schedule(step, config)
+        output = model(batch, keeps, aux_weight=config.aux_weight)
+        optimizer.zero_grad(set_to_none=True)
+        output.loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
+        optimizer.step()
+        record = {
+            "step": step + 1,
+            "loss": float(output.loss.detach()),
+            "lm_loss": float(output.lm_loss),
+            "temporal_loss": float(output.temporal_loss),
+            "data_seconds": t1 - t0,
+            "step_seconds": time.perf_counter() - t1,
+            "video_tokens": sum(output.video_tokens),
+        }
+        window.append(record)
+        window = window[-50:]
+        bar.set_postfix(
+            lm=f"{sum(r['lm_loss'] for r in window) / len(window):.3f}",
+            aux=f"{sum(r['temporal_loss'] for r in window) / len(window):.4f}",
+        )
+        if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+            for keep in (1.0, 0.5):
+                record[f"val_acc@{keep}"] = evaluate(model, "val", config.eval_samples, keep)[
+                    "accuracy"
+                ]
+            bar.write(
+                json.dumps({k: v for k, v in record.items() if "val" in k} | {"step": step + 1})
+            )
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            _save_state(model, optimizer, step + 1, out / "last", source=Path(config.init))
+    log.close()
+    final = model.save(out / "checkpoint", Path(config.init))
+    (out / "train_config.json").write_text(
+        json.dumps(asdict(config) | {"history": []}, default=str, indent=2)
+    )
+    return final
+
+
+def _save_state(model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path) -> None:
+    tmp = where.with_name(where.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save(tmp, source)
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()},
+        tmp / STATE_FILE,
+    )
+    if where.exists():
+        import shutil
+
+        shutil.rmtree(where)
+    tmp.rename(where)

@@ -1,0 +1,237 @@
+"""Procedural video QA: deterministic by seed, generated on the fly, nothing stored.
+
+Each sample is a short clip of grey backgrounds (flat, textured, panning, or with a scene cut)
+with small saturated shapes, and a question whose one-word answer needs either one frame
+(`color`) or time (`direction`, `order`, `count`, `changed`). Shapes cover a few LLM-token
+units; backgrounds are grey, so "where the colour is" is the spatial cue a learned scorer can
+pick up from the LLM's gradient, while panning backgrounds make every unit "change" and fool a
+pure frame-difference score. The `long` split hides one brief event in many frames, for
+test-time scaling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+SIZE = 168  # 6 x 6 LLM-token units of 28 px per frame
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 70, 235),
+    "yellow": (235, 215, 30),
+}
+COUNTS = ("one", "two", "three", "four")
+TASKS = ("color", "direction", "order", "count", "changed", "flash")
+SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "long": 30_000_000}
+FPS = 2.0
+
+
+@dataclass(frozen=True)
+class VideoQA:
+    """One question about one clip. `answer` is a single word; the model answers with it."""
+
+    frames: np.ndarray  # [T, H, W, 3] uint8
+    fps: float
+    question: str
+    answer: str
+    task: str
+    seed: int
+
+
+def answer_words() -> list[str]:
+    """Every answer any task can have: checkpoints must tokenize each to one token."""
+    return [*COLORS, "left", "right", *COUNTS]
+
+
+# --------------------------------------------------------------------------- backgrounds
+
+
+def _texture(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Grey blobs: coarse noise upsampled, so panning moves visible structure."""
+    cell = int(rng.integers(8, 20))
+    coarse = rng.integers(40, 200, size=(height // cell + 2, width // cell + 2), dtype=np.uint8)
+    grey = np.kron(coarse, np.ones((cell, cell), dtype=np.uint8))[:height, :width]
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def _backgrounds(rng: np.random.Generator, num_frames: int) -> np.ndarray:
+    kind = rng.choice(["flat", "texture", "pan", "cut"], p=[0.2, 0.25, 0.35, 0.2])
+    if kind == "flat":
+        level = int(rng.integers(50, 200))
+        return np.full((num_frames, SIZE, SIZE, 3), level, dtype=np.uint8)
+    if kind == "texture":
+        return np.repeat(_texture(rng, SIZE, SIZE)[None], num_frames, axis=0)
+    if kind == "cut":
+        first, second = _texture(rng, SIZE, SIZE), _texture(rng, SIZE, SIZE)
+        cut = int(rng.integers(num_frames // 4, 3 * num_frames // 4 + 1))
+        return np.stack([first if i < cut else second for i in range(num_frames)])
+    speed = int(rng.integers(3, 9)) * int(rng.choice([-1, 1]))
+    span = abs(speed) * num_frames
+    wide = _texture(rng, SIZE, SIZE + span)
+    starts = [
+        (i * speed) % (span + 1) if speed > 0 else span + i * speed for i in range(num_frames)
+    ]
+    return np.stack([wide[:, s : s + SIZE] for s in starts])
+
+
+# --------------------------------------------------------------------------- shapes
+
+
+def _draw(frame: np.ndarray, shape: str, y: int, x: int, size: int, color: str) -> None:
+    rgb = COLORS[color]
+    if shape == "square":
+        frame[y : y + size, x : x + size] = rgb
+        return
+    yy, xx = np.mgrid[0:size, 0:size]
+    r = (size - 1) / 2
+    disc = (yy - r) ** 2 + (xx - r) ** 2 <= r * r
+    frame[y : y + size, x : x + size][disc] = rgb
+
+
+def _spot(rng: np.random.Generator, size: int, margin: int = 0) -> tuple[int, int]:
+    lo, hi = margin, SIZE - size - margin
+    return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
+
+
+def _shape(rng: np.random.Generator) -> tuple[str, int]:
+    return str(rng.choice(["square", "circle"])), int(rng.integers(20, 33))
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def _color(rng, frames):
+    shape, size = _shape(rng)
+    color = str(rng.choice(list(COLORS)))
+    y, x = _spot(rng, size)
+    vy, vx = (int(v) for v in rng.integers(-4, 5, size=2))
+    for i, frame in enumerate(frames):
+        yy = int(np.clip(y + vy * i, 0, SIZE - size))
+        xx = int(np.clip(x + vx * i, 0, SIZE - size))
+        _draw(frame, shape, yy, xx, size, color)
+    return f"What color is the {shape}?", color
+
+
+def _direction(rng, frames):
+    shape, size = _shape(rng)
+    color = str(rng.choice(list(COLORS)))
+    way = str(rng.choice(["left", "right"]))
+    n = len(frames)
+    travel = SIZE - size - 8
+    y = int(rng.integers(0, SIZE - size + 1))
+    for i, frame in enumerate(frames):
+        step = round(4 + travel * i / max(1, n - 1))
+        x = step if way == "right" else SIZE - size - step
+        _draw(frame, shape, y, x, size, color)
+    return f"Which way does the {color} {shape} move, left or right?", way
+
+
+def _order(rng, frames):
+    n = len(frames)
+    first, second = (str(c) for c in rng.choice(list(COLORS), size=2, replace=False))
+    t1 = int(rng.integers(0, n // 2 - 1))
+    t2 = int(rng.integers(t1 + 2, n - 1))
+    for color, start in ((first, t1), (second, t2)):
+        shape, size = _shape(rng)
+        y, x = _spot(rng, size)
+        for frame in frames[start:]:
+            _draw(frame, shape, y, x, size, color)
+    return "Which color appears first?", first
+
+
+def _count(rng, frames):
+    """Flashes last one temporal step (2 frames) and are at least one step apart."""
+    n = len(frames)
+    shape, size = _shape(rng)
+    color = str(rng.choice(list(COLORS)))
+    steps = n // 2
+    count = int(rng.integers(1, min(4, steps // 2) + 1))
+    # Steps 1..steps-1, pairwise at least 2 apart: pick from a shortened range, then spread.
+    picks = sorted(int(c) for c in rng.choice(steps - count, size=count, replace=False))
+    chosen = [1 + c + i for i, c in enumerate(picks)]
+    y, x = _spot(rng, size)
+    for s in chosen:
+        for frame in frames[2 * s : 2 * s + 2]:
+            _draw(frame, shape, y, x, size, color)
+    return f"How many times does a {color} {shape} flash?", COUNTS[count - 1]
+
+
+def _changed(rng, frames):
+    n = len(frames)
+    size = int(rng.integers(22, 33))
+    y = int(rng.integers(0, SIZE - size + 1))
+    left_x = int(rng.integers(0, SIZE // 2 - size))
+    right_x = int(rng.integers(SIZE // 2, SIZE - size + 1))
+    before, after, other = (str(c) for c in rng.choice(list(COLORS), size=3, replace=False))
+    side = str(rng.choice(["left", "right"]))
+    change = int(rng.integers(2, n - 2))
+    shape = str(rng.choice(["square", "circle"]))
+    for i, frame in enumerate(frames):
+        moved = before if i < change else after
+        left_color, right_color = (moved, other) if side == "left" else (other, moved)
+        _draw(frame, shape, y, left_x, size, left_color)
+        _draw(frame, shape, y, right_x, size, right_color)
+    return f"Which {shape} changes color, left or right?", side
+
+
+def _flash(rng, frames):
+    """One shape flashes for 2 frames (one temporal step), once. In the `long` split the clip
+    is long and sampled sparsely: with too few frames the flash is missed, so spending
+    pruning savings on more frames pays."""
+    n = len(frames)
+    shape, size = _shape(rng)
+    color = str(rng.choice(list(COLORS)))
+    start = int(rng.integers(1, n // 2 - 1)) * 2
+    y, x = _spot(rng, size)
+    for frame in frames[start : start + 2]:
+        _draw(frame, shape, y, x, size, color)
+    return f"What color is the {shape} that flashes?", color
+
+
+_MAKERS = {
+    "color": _color,
+    "direction": _direction,
+    "order": _order,
+    "count": _count,
+    "changed": _changed,
+    "flash": _flash,
+}
+
+
+def make_sample(seed: int, split: str = "train", num_frames: int = 16) -> VideoQA:
+    """Sample `seed` of `split`; the same arguments always give the same pixels."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+    if num_frames < 8 or num_frames % 2:
+        raise ValueError(f"num_frames must be an even number >= 8, got {num_frames}")
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed)
+    frames = _backgrounds(rng, num_frames).copy()
+    if split == "long":
+        question, answer = _flash(rng, frames)
+        task = "long"
+    else:
+        task = TASKS[seed % len(TASKS)]
+        question, answer = _MAKERS[task](rng, frames)
+    fps = FPS * 4 if split == "long" else FPS  # long clips: 4x denser, subsampled later
+    return VideoQA(frames, fps, question, answer, task, seed)
+
+
+def subsample(sample: VideoQA, num_frames: int) -> VideoQA:
+    """Uniformly pick `num_frames` (even) of a clip's frames, as a server's sampler would;
+    the fps follows, so M-RoPE time positions keep meaning seconds."""
+    total = len(sample.frames)
+    if num_frames >= total:
+        return sample
+    index = np.linspace(0, total - 1, num_frames).round().astype(int)
+    fps = sample.fps * num_frames / total
+    return VideoQA(
+        sample.frames[index], fps, sample.question, sample.answer, sample.task, sample.seed
+    )
+
+
+def samples(split: str, count: int, num_frames: int = 16, start: int = 0) -> Iterator[VideoQA]:
+    for seed in range(start, start + count):
+        yield make_sample(seed, split, num_frames)

@@ -1,0 +1,86 @@
+"""One implementation: a checkpoint trained by `stts-vllm train` (transformers) is served by the
+vLLM plugin with the training model's own numbers, and `stts-vllm eval` runs every method."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from stts_vllm.training.evaluate import run_eval, video_metadata
+from stts_vllm.training.model import STTSVideoQAModel, chat_prompt
+from stts_vllm.training.videoqa import make_sample
+from tests.training.conftest import smoke_run  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("keep", [0.5, 1.0])
+def test_vllm_gives_the_training_models_logprobs(smoke_run: Path, engines, keep: float) -> None:  # noqa: F811
+    from vllm import SamplingParams
+
+    checkpoint = smoke_run / "checkpoint"
+    samples = [make_sample(i, "test") for i in range(4)]
+    model = STTSVideoQAModel.from_checkpoint(checkpoint)
+    model.eval()
+    with torch.no_grad():
+        out = model([model.prepare(s) for s in samples], [keep] * len(samples))
+    llm = engines.get(checkpoint)
+    video_pad = model.video_pad
+    results = llm.generate(
+        [
+            {
+                "prompt": chat_prompt(model.tokenizer, s.question),
+                "multi_modal_data": {"video": [(s.frames, video_metadata(s))]},
+                "mm_processor_kwargs": {"stts_keep_ratio": keep},
+            }
+            for s in samples
+        ],
+        SamplingParams(temperature=0.0, max_tokens=1, logprobs=5),
+        use_tqdm=False,
+    )
+    for result, logits, tokens in zip(results, out.answer_logits, out.video_tokens, strict=True):
+        assert result.prompt_token_ids.count(video_pad) == tokens
+        hf = torch.log_softmax(logits.float(), dim=-1)
+        top = result.outputs[0].logprobs[0]
+        assert result.outputs[0].token_ids[0] == int(hf.argmax())
+        for token_id, logprob in top.items():
+            assert abs(logprob.logprob - float(hf[token_id])) < 1e-3, (token_id, logprob)
+
+
+def test_eval_runs_every_method_and_writes_json_and_png(smoke_run: Path, engines, tmp_path) -> None:  # noqa: F811
+    engines.close()  # the eval starts its own engines, one at a time
+    args = SimpleNamespace(
+        checkpoint=smoke_run / "checkpoint",
+        out=tmp_path / "eval",
+        samples=3,
+        ratios=[0.5],
+        methods=["none", "random", "evs", "heuristic", "learned"],
+        long=True,
+        server=None,
+        api_key=None,
+        compare_hf=3,
+    )
+    report = run_eval(args)
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert saved["results"] == json.loads(json.dumps(report["results"]))
+    assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
+    rows = {r["mode"]: r for r in saved["results"]}
+    assert set(rows) >= {
+        "test/none/16f",
+        "test/random@0.5/16f",
+        "test/evs@0.5/16f",
+        "test/heuristic@0.5/16f",
+        "test/learned@0.5/16f",
+        "long/learned@0.5/32f",
+    }
+    assert rows["test/none/16f"]["video_tokens_mean"] == 288
+    for name in ("random", "heuristic", "learned"):
+        assert rows[f"test/{name}@0.5/16f"]["video_tokens_mean"] == 144
+    assert rows["test/evs@0.5/16f"]["video_tokens_mean"] < 288
+    assert rows["long/learned@0.5/32f"]["video_tokens_mean"] == 288  # 2x frames, same budget
+    for row in rows.values():
+        assert row["samples"] == 3 and 0 <= row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+    agreement = saved["hf_agreement"]
+    assert agreement["same_answers"] == agreement["samples"] == 3

@@ -1,0 +1,34 @@
+"""A short real training run (a few steps from scratch), shared by the training tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from stts_vllm.checkpoint import make_demo
+from stts_vllm.training.train import LOG_FILE, TrainConfig, train
+
+SMOKE = {
+    "steps": 8,
+    "batch_size": 4,
+    "warmup": 1,
+    "eval_every": 8,
+    "eval_samples": 8,
+    "save_every": 4,
+}
+
+
+def read_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT of `stts-vllm train` after 8 steps from a fresh demo: OUT/checkpoint, OUT/last."""
+    root = tmp_path_factory.mktemp("train")
+    init = make_demo(root / "init", scorer="learned")
+    out = root / "out"
+    train(TrainConfig(init=init, out=out, frames=(16,), **SMOKE))
+    return out

@@ -1,0 +1,66 @@
+"""Training: the HF model's pruned tower is the stock tower at keep 1.0, a few steps lower the
+loss, state resumes, and the output is an STTS checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read_config
+from stts_vllm.training.hf_vision import pruned_vision_forward
+from stts_vllm.training.model import STTSVideoQAModel
+from stts_vllm.training.train import TrainConfig, train
+from stts_vllm.training.videoqa import make_sample
+from tests.training.conftest import SMOKE, read_log
+
+
+def test_pruned_tower_at_keep_one_is_the_stock_tower(tmp_path: Path) -> None:
+    model = STTSVideoQAModel.from_checkpoint(make_demo(tmp_path / "m", scorer="learned"))
+    item = model.prepare(make_sample(4, "train"))
+    visual = model.hf.model.visual
+    with torch.no_grad():
+        stock = visual(item.pixel_values, torch.tensor([item.grid])).pooler_output
+        ours = pruned_vision_forward(
+            visual, item.pixel_values, [item.grid], [1.0], config=model.stts, scorer=model.scorer
+        )
+    assert ours.keep_masks == [None]
+    torch.testing.assert_close(ours.embeds[0], stock, atol=1e-4, rtol=1e-4)
+
+
+def test_pruned_batch_keeps_the_count_and_gradients_reach_the_scorer(tmp_path: Path) -> None:
+    model = STTSVideoQAModel.from_checkpoint(make_demo(tmp_path / "m", scorer="learned"))
+    batch = [model.prepare(make_sample(i, "train")) for i in range(3)]
+    out = model(batch, [0.5, 1.0, 0.3])
+    assert out.video_tokens == [144, 288, 86]  # 8 steps x 36 units: round-half-up of k*288
+    out.loss.backward()
+    scorer_grads = [p.grad for p in model.scorer.parameters()]
+    # The MLP's last layer gets gradient from both the aux loss and the key bias.
+    assert all(g is not None and torch.isfinite(g).all() for g in scorer_grads)
+    assert float(out.temporal_loss) > 0
+
+
+def test_a_few_steps_lower_the_loss_and_write_a_servable_checkpoint(smoke_run: Path) -> None:
+    log = read_log(smoke_run)
+    assert [r["step"] for r in log] == list(range(1, SMOKE["steps"] + 1))
+    first, last = log[0]["lm_loss"], min(r["lm_loss"] for r in log[-3:])
+    assert last < first - 0.5, (first, last)
+    assert all(r["temporal_loss"] >= 0 for r in log)
+    assert "val_acc@0.5" in log[-1]
+    checkpoint = smoke_run / "checkpoint"
+    config = read_config(checkpoint)
+    assert config["architectures"] == [STTS_ARCHITECTURE] and config["stts"]["scorer"] == "learned"
+    assert (checkpoint / SCORER_FILE).is_file() and (checkpoint / "tokenizer.json").is_file()
+
+
+def test_resume_continues_where_it_stopped(smoke_run: Path, tmp_path: Path) -> None:
+    """A run killed after step 4 (the `last` state of the smoke run) resumes at step 5."""
+    import shutil
+
+    out = tmp_path / "resumed"
+    shutil.copytree(smoke_run / "last", out / "last")
+    shutil.copyfile(smoke_run / "train_log.jsonl", out / "train_log.jsonl")
+    init = smoke_run.parent / "init"
+    train(TrainConfig(init=init, out=out, resume=True, frames=(16,), **(SMOKE | {"steps": 10})))
+    steps = [r["step"] for r in read_log(out)]
+    assert steps[-2:] == [9, 10] and steps.count(9) == 1

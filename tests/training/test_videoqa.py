@@ -1,0 +1,56 @@
+"""The procedural video-QA data: deterministic, well-formed, answerable in one token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stts_vllm.training.videoqa import (
+    COLORS,
+    SIZE,
+    TASKS,
+    answer_words,
+    make_sample,
+    subsample,
+)
+
+
+def test_same_seed_same_clip_and_splits_differ() -> None:
+    a, b = make_sample(7, "train"), make_sample(7, "train")
+    assert np.array_equal(a.frames, b.frames) and a.question == b.question
+    assert not np.array_equal(a.frames, make_sample(7, "test").frames)
+
+
+@pytest.mark.parametrize("frames", [8, 16, 32])
+def test_every_task_makes_valid_samples(frames: int) -> None:
+    seen = set()
+    for seed in range(60):
+        s = make_sample(seed, "train", frames)
+        seen.add(s.task)
+        assert s.frames.shape == (frames, SIZE, SIZE, 3) and s.frames.dtype == np.uint8
+        assert s.answer in answer_words() and s.question.endswith("?")
+    assert seen == set(TASKS)
+
+
+def test_answers_are_balanced_enough_to_beat_chance_honestly() -> None:
+    """No answer may dominate its task (a constant guesser would look smart otherwise)."""
+    for task in TASKS:
+        answers = [s.answer for s in (make_sample(i, "test") for i in range(400)) if s.task == task]
+        top = max(answers.count(a) for a in set(answers))
+        assert top / len(answers) < 1 / len(set(answers)) + 0.15, (task, top, len(answers))
+
+
+def test_long_clips_hide_one_short_event() -> None:
+    s = make_sample(3, "long", 64)
+    assert s.task == "long" and s.answer in COLORS and s.fps == 8.0
+    colored = [bool((np.ptp(f.astype(int), axis=-1) > 100).any()) for f in s.frames]
+    assert sum(colored) == 2  # two frames = one temporal step
+    short = subsample(s, 16)
+    assert short.frames.shape[0] == 16 and short.fps == 2.0
+
+
+def test_bad_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="split"):
+        make_sample(0, "nope")
+    with pytest.raises(ValueError, match="num_frames"):
+        make_sample(0, "train", 7)

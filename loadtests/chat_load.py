@@ -1,0 +1,442 @@
+"""Load test of the real server: a concurrency sweep of streaming video chat requests.
+
+    .venv/bin/python loadtests/chat_load.py --launch --concurrency 1 2 4 8 16 --out artifacts/load
+
+With `--launch` it starts `stts-serve` itself, once per configuration, on 127.0.0.1:
+`unpruned` (keep 1.0 per request), `stts` (keep 0.5), `evs` (the stock architecture over the
+same weights with vLLM's `video_pruning_rate` 0.5), each on the same checkpoint (default: the
+demo). Without it, `--url` names one running server (loopback only) and `--keep` the ratio.
+Videos of several lengths are uploaded once through `/v1/files`; each request asks about one
+of them (`--turns N`: N questions per video in a row, to show decoded-frame cache reuse).
+Reports throughput (req/s, output tok/s), TTFT and latency p50/p95/p99, errors, and the share
+of request time spent decoding video (from the server's own metrics). Bounded in requests and
+seconds. Writes `load.json` and `load.png`; `--smoke` is a seconds-long check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import httpx
+import numpy as np
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+API_KEY = "load-test"
+
+
+@dataclass
+class Sample:
+    ok: bool
+    latency: float
+    ttft: float | None
+    output_tokens: int
+    video_tokens: int
+    status: int
+    error: str | None = None
+
+
+@dataclass
+class LevelResult:
+    config: str
+    concurrency: int
+    wall_seconds: float
+    samples: list[Sample] = field(default_factory=list)
+    decode_seconds: float = 0.0
+    request_seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        good = [s for s in self.samples if s.ok]
+        lat = sorted(s.latency for s in good)
+        ttft = sorted(s.ttft for s in good if s.ttft is not None)
+        tokens = sum(s.output_tokens for s in good)
+        return {
+            "config": self.config,
+            "concurrency": self.concurrency,
+            "requests": len(self.samples),
+            "errors": len(self.samples) - len(good),
+            "error_examples": sorted({s.error for s in self.samples if s.error})[:3],
+            "wall_seconds": self.wall_seconds,
+            "requests_per_second": len(good) / self.wall_seconds if self.wall_seconds else 0.0,
+            "output_tokens_per_second": tokens / self.wall_seconds if self.wall_seconds else 0.0,
+            "latency_seconds": percentiles(lat),
+            "ttft_seconds": percentiles(ttft),
+            "video_tokens_mean": statistics.mean(s.video_tokens for s in good) if good else 0,
+            "decode_share_of_request_time": (
+                self.decode_seconds / self.request_seconds if self.request_seconds else None
+            ),
+        }
+
+
+def percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+    q = np.percentile(values, [50, 95, 99])
+    return {"p50": float(q[0]), "p95": float(q[1]), "p99": float(q[2])}
+
+
+# --------------------------------------------------------------------------- media
+
+
+def make_video(seconds: float, fps: int = 4, size: int = 224, seed: int = 0) -> bytes:
+    """An mp4 (H.264) of a drifting square on a textured background, made with PyAV."""
+    import av
+
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(max(1, int(seconds * fps))):
+            frame = background.copy()
+            y, x = (5 * i) % (size - 40), (9 * i) % (size - 40)
+            frame[y : y + 40, x : x + 40] = (230, 40, 40)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+async def upload(client: httpx.AsyncClient, data: bytes, name: str) -> str:
+    files = {"file": (name, data, "video/mp4")}
+    response = await client.post("/v1/files", files=files, data={"purpose": "vision"})
+    response.raise_for_status()
+    return response.json()["id"]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+async def one_request(
+    client: httpx.AsyncClient, model: str, file_id: str, keep: float, question: str, max_tokens: int
+) -> Sample:
+    body = {
+        "model": model,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": file_id}},
+                    {"type": "text", "text": question},
+                ],
+            }
+        ],
+        "stts": {"keep_ratio": keep, "test_time_scaling": False},
+    }
+    start = time.perf_counter()
+    ttft = None
+    tokens = video_tokens = 0
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")[:200]
+                return Sample(
+                    False, time.perf_counter() - start, None, 0, 0, response.status_code, text
+                )
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
+                    ttft = time.perf_counter() - start
+                if chunk.get("usage"):
+                    tokens = chunk["usage"]["completion_tokens"]
+                if chunk.get("stts"):
+                    video_tokens = chunk["stts"]["video_tokens_after"]
+    except httpx.HTTPError as error:
+        return Sample(False, time.perf_counter() - start, ttft, 0, 0, 0, repr(error))
+    return Sample(True, time.perf_counter() - start, ttft, tokens, video_tokens, 200)
+
+
+async def metric_sums(client: httpx.AsyncClient) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = (await client.get("/metrics")).text
+    wanted = {"stts_video_decode_seconds_sum", "stts_request_duration_seconds_sum"}
+    sums: dict[str, float] = dict.fromkeys(wanted, 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                sums[sample.name] += sample.value
+    return sums
+
+
+async def run_level(
+    url: str,
+    config: str,
+    keep: float,
+    concurrency: int,
+    files: list[str],
+    requests: int,
+    turns: int,
+    max_tokens: int,
+    time_limit: float,
+) -> LevelResult:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(
+        base_url=url, headers=headers, timeout=600, limits=limits
+    ) as client:
+        model = (await client.get("/v1/models")).json()["data"][0]["id"]
+        before = await metric_sums(client)
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        questions = ["What happens?", "What color is the square?", "Where does it go?"]
+        for i in range(requests):
+            video = files[(i // turns) % len(files)]
+            queue.put_nowait((video, questions[i % turns % len(questions)]))
+        result = LevelResult(config, concurrency, 0.0)
+        deadline = time.perf_counter() + time_limit
+
+        async def worker() -> None:
+            while not queue.empty() and time.perf_counter() < deadline:
+                video, question = queue.get_nowait()
+                result.samples.append(
+                    await one_request(client, model, video, keep, question, max_tokens)
+                )
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result.wall_seconds = time.perf_counter() - start
+        after = await metric_sums(client)
+        result.decode_seconds = (
+            after["stts_video_decode_seconds_sum"] - before["stts_video_decode_seconds_sum"]
+        )
+        result.request_seconds = (
+            after["stts_request_duration_seconds_sum"] - before["stts_request_duration_seconds_sum"]
+        )
+    return result
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def check_loopback(url: str) -> str:
+    host = urlparse(url).hostname
+    if host not in LOOPBACK:
+        raise SystemExit(f"load tests only target 127.0.0.1 (got {host!r})")
+    return url.rstrip("/")
+
+
+def launch(checkpoint: Path, port: int, log: Path, engine_args: dict | None) -> subprocess.Popen:
+    argv = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "--model",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--api-key",
+        API_KEY,
+        "--max-in-flight",
+        "256",
+    ]
+    if engine_args:
+        argv += ["--engine-args", json.dumps(engine_args)]
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["STTS_FILES_DIR"] = str(log.parent / f"files-{port}")
+    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server exited with {process.returncode}; see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    process.kill()
+    raise SystemExit(f"server did not become ready in 600 s; see {log}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def sweep(url: str, config: str, keep: float, args: argparse.Namespace) -> list[LevelResult]:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
+        files = [
+            await upload(client, make_video(seconds, seed=i), f"clip-{seconds}s.mp4")
+            for i, seconds in enumerate(args.video_seconds)
+        ]
+    results = []
+    for concurrency in args.concurrency:
+        requests = max(args.requests_per_level, concurrency * 2)
+        level = await run_level(
+            url,
+            config,
+            keep,
+            concurrency,
+            files,
+            requests,
+            args.turns,
+            args.max_tokens,
+            args.time_limit,
+        )
+        summary = level.summary()
+        print(
+            f"{config:9} c={concurrency:<3} {summary['requests_per_second']:.2f} req/s "
+            f"{summary['output_tokens_per_second']:.1f} tok/s "
+            f"p50 {summary['latency_seconds']['p50']} errors {summary['errors']}",
+            file=sys.stderr,
+        )
+        results.append(level)
+    return results
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for config in sorted({s["config"] for s in summaries}):
+        rows = sorted(
+            (s for s in summaries if s["config"] == config), key=lambda s: s["concurrency"]
+        )
+        conc = [s["concurrency"] for s in rows]
+        axes[0].plot(conc, [s["requests_per_second"] for s in rows], "o-", label=config)
+        axes[1].plot(
+            conc, [s["latency_seconds"]["p50"] or 0 for s in rows], "o-", label=f"{config} p50"
+        )
+        axes[1].plot(
+            conc, [s["latency_seconds"]["p95"] or 0 for s in rows], "x--", label=f"{config} p95"
+        )
+    axes[0].set_title("throughput vs concurrency")
+    axes[0].set_ylabel("requests / s")
+    axes[1].set_title("latency vs concurrency")
+    axes[1].set_ylabel("seconds")
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def targets(summaries: list[dict]) -> list[dict]:
+    def at(config: str, concurrency: int) -> dict | None:
+        return next(
+            (s for s in summaries if s["config"] == config and s["concurrency"] == concurrency),
+            None,
+        )
+
+    out = []
+    stts, base = at("stts", 8), at("unpruned", 8)
+    if stts and base and base["requests_per_second"]:
+        value = stts["requests_per_second"] / base["requests_per_second"]
+        out.append(
+            {
+                "target": "throughput STTS vs unpruned @8",
+                "goal": 1.6,
+                "measured": value,
+                "met": value >= 1.6,
+            }
+        )
+    shares = [
+        s["decode_share_of_request_time"]
+        for s in summaries
+        if s["decode_share_of_request_time"] is not None
+    ]
+    if shares:
+        worst = max(shares)
+        out.append(
+            {
+                "target": "video decoding share of request time",
+                "goal": 0.10,
+                "measured": worst,
+                "met": worst <= 0.10,
+            }
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--launch", action="store_true", help="start servers: unpruned, stts, evs")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="default: a fresh demo")
+    parser.add_argument("--url", default=None, help="a running server (127.0.0.1 only)")
+    parser.add_argument("--keep", type=float, default=0.5, help="keep ratio with --url")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--requests-per-level", type=int, default=32)
+    parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per level")
+    parser.add_argument("--video-seconds", type=float, nargs="+", default=[4.0, 10.0, 30.0])
+    parser.add_argument("--turns", type=int, default=1, help="questions per video in a row")
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("artifacts/load"))
+    parser.add_argument("--smoke", action="store_true", help="seconds-long: c=1,2, 2 requests")
+    args = parser.parse_args()
+    if args.smoke:
+        args.concurrency, args.requests_per_level, args.video_seconds = [1, 2], 2, [2.0]
+        args.max_tokens, args.time_limit = 4, 60.0
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    summaries: list[dict] = []
+    if not args.launch:
+        url = check_loopback(args.url or "http://127.0.0.1:8000")
+        levels = asyncio.run(sweep(url, "server", args.keep, args))
+        summaries = [level.summary() for level in levels]
+    else:
+        from stts_vllm.checkpoint import derive, make_demo
+
+        tmp = Path(tempfile.mkdtemp(prefix="stts-load-"))
+        checkpoint = args.checkpoint or make_demo(tmp / "demo")
+        stock = derive(checkpoint, tmp / "stock", stock=True)
+        configs = [
+            ("unpruned", checkpoint, 1.0, None),
+            ("stts", checkpoint, 0.5, None),
+            ("evs", stock, 1.0, {"video_pruning_rate": 0.5}),
+        ]
+        for name, path, keep, engine_args in configs:
+            port = free_port()
+            process = launch(path, port, args.out / f"server-{name}.log", engine_args)
+            try:
+                levels = asyncio.run(sweep(f"http://127.0.0.1:{port}", name, keep, args))
+                summaries += [level.summary() for level in levels]
+            finally:
+                process.terminate()
+                process.wait(timeout=60)
+    result = {
+        "machine": {"cores": os.cpu_count()},
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "levels": summaries,
+        "targets": targets(summaries),
+    }
+    (args.out / "load.json").write_text(json.dumps(result, indent=2))
+    plot(summaries, args.out / "load.png")
+    for t in result["targets"]:
+        status = "met" if t["met"] else "MISSED"
+        print(f"target {t['target']}: goal {t['goal']}, measured {t['measured']:.3f} -> {status}")
+    print(f"wrote {args.out / 'load.json'} and load.png")
+
+
+if __name__ == "__main__":
+    main()

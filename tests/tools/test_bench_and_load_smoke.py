@@ -1,0 +1,59 @@
+"""Seconds-long runs of the engine benchmark and the load test: they must produce well-formed
+results (every field, every method, a plot), whatever the speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, out: Path, *extra: str) -> dict:
+    from tests.processes import server_env
+
+    result = subprocess.run(
+        [sys.executable, str(ROOT / script), "--smoke", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=840,
+        cwd=ROOT,
+        env=server_env(),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(next(out.glob("*.json")).read_text())
+
+
+@pytest.mark.timeout(900)
+def test_engine_benchmark_smoke(tmp_path: Path) -> None:
+    report = _run("bench/engine.py", tmp_path)
+    methods = {row["method"] for row in report["rows"]}
+    assert methods == {"keep 1.0", "STTS 0.5", "STTS 0.3", "EVS 0.5"}
+    for row in report["rows"]:
+        for key in ("encoder_seconds", "prefill_seconds", "request_seconds", "vit_gflops"):
+            assert row[key] > 0, (row["method"], key)
+        assert row["enc_prefill_speedup"] > 0 and row["ideal_enc_prefill_speedup"] >= 1.0
+    tokens = {row["method"]: row["video_tokens"] for row in report["rows"]}
+    assert tokens["STTS 0.5"] == tokens["keep 1.0"] // 2 and tokens["EVS 0.5"] < tokens["keep 1.0"]
+    assert 0 < report["scorer_packing_overhead"]["share"] < 1
+    assert {t["target"] for t in report["targets"]} and (tmp_path / "engine.png").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_load_test_smoke(tmp_path: Path) -> None:
+    report = _run("loadtests/chat_load.py", tmp_path, "--launch")
+    levels = report["levels"]
+    assert {(lv["config"], lv["concurrency"]) for lv in levels} == {
+        (c, n) for c in ("unpruned", "stts", "evs") for n in (1, 2)
+    }
+    for level in levels:
+        assert level["errors"] == 0, level["error_examples"]
+        assert level["requests"] >= 2 and level["requests_per_second"] > 0
+        assert level["latency_seconds"]["p50"] > 0 and level["ttft_seconds"]["p50"] > 0
+    by = {(lv["config"], lv["concurrency"]): lv for lv in levels}
+    assert by[("stts", 1)]["video_tokens_mean"] < by[("unpruned", 1)]["video_tokens_mean"]
+    assert (tmp_path / "load.png").is_file()

@@ -326,6 +326,8 @@ def main() -> None:
         "--checkpoint", type=Path, default=None, help="default: build the bench geometry"
     )
     parser.add_argument("--out", type=Path, default=Path("artifacts/bench"))
+    parser.add_argument("--dtype", default="float32", help="bfloat16 for real weights on a GPU")
+    parser.add_argument("--max-model-len", type=int, default=16384, help="fit the most frames")
     parser.add_argument("--smoke", action="store_true", help="tiny demo model, 8 frames, 1 repeat")
     args = parser.parse_args()
 
@@ -347,10 +349,10 @@ def main() -> None:
     prune_at = config["stts"]["prune_at"]
     stock = derive(checkpoint, tmp / "stock", stock=True)
     engine_args = {
-        "dtype": "float32",
+        "dtype": args.dtype,
         "enforce_eager": True,
-        "max_model_len": 16384,
-        "max_num_batched_tokens": 16384,
+        "max_model_len": args.max_model_len,
+        "max_num_batched_tokens": args.max_model_len,
         "enable_prefix_caching": False,
         "mm_processor_cache_gb": 0,
         "limit_mm_per_prompt": {"video": 1},

@@ -317,18 +317,20 @@ def plot(summaries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {"unpruned": "#555555", "stts": "#2e7d32", "evs": "#e6a03c", "server": "#1f77b4"}
     for config in sorted({s["config"] for s in summaries}):
         rows = sorted(
             (s for s in summaries if s["config"] == config), key=lambda s: s["concurrency"]
         )
         conc = [s["concurrency"] for s in rows]
-        axes[0].plot(conc, [s["requests_per_second"] for s in rows], "o-", label=config)
-        axes[1].plot(
-            conc, [s["latency_seconds"]["p50"] or 0 for s in rows], "o-", label=f"{config} p50"
+        color = colors.get(config)
+        p50 = [s["latency_seconds"]["p50"] or 0 for s in rows]
+        p95 = [s["latency_seconds"]["p95"] or 0 for s in rows]
+        axes[0].plot(
+            conc, [s["requests_per_second"] for s in rows], "o-", color=color, label=config
         )
-        axes[1].plot(
-            conc, [s["latency_seconds"]["p95"] or 0 for s in rows], "x--", label=f"{config} p95"
-        )
+        axes[1].plot(conc, p50, "o-", color=color, label=f"{config} p50")
+        axes[1].plot(conc, p95, "x--", color=color, label=f"{config} p95")
     axes[0].set_title("throughput vs concurrency")
     axes[0].set_ylabel("requests / s")
     axes[1].set_title("latency vs concurrency")

@@ -132,15 +132,9 @@ def video(frames: int, size: int, seed: int) -> tuple[np.ndarray, dict]:
     for i in range(frames):
         y, x = (7 * i) % (size - 32), (11 * i) % (size - 32)
         clip[i, y : y + 32, x : x + 32] = (255, 40, 40)
-    meta = {
-        "fps": 2.0,
-        "duration": frames / 2.0,
-        "total_num_frames": frames,
-        "frames_indices": list(range(frames)),
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
-    return clip, meta
+    from stts_vllm.video_inputs import video_metadata
+
+    return clip, video_metadata(frames, 2.0)
 
 
 def measure(engines: dict, frames: int, size: int, repeats: int, tokenizer: Any) -> list[dict]:

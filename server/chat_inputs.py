@@ -22,6 +22,7 @@ from server.schemas import (
     VideoReport,
 )
 from server.state import AppState
+from stts_vllm.video_inputs import video_metadata
 
 
 @dataclass
@@ -46,15 +47,7 @@ def _resolve_keep_ratio(options: STTSOptions, state: AppState) -> float:
 
 
 def _video_metadata(video: LoadedVideo) -> dict[str, Any]:
-    n = int(video.frames.shape[0])
-    return {
-        "fps": video.fps,
-        "duration": n / video.fps,
-        "total_num_frames": n,
-        "frames_indices": list(range(n)),
-        "video_backend": "pyav",
-        "do_sample_frames": False,
-    }
+    return video_metadata(int(video.frames.shape[0]), video.fps, backend="pyav")
 
 
 def _message_parts(

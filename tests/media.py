@@ -24,15 +24,9 @@ def moving_square_video(
 
 def video_item(frames: np.ndarray, fps: float = 2.0) -> tuple[np.ndarray, dict[str, Any]]:
     """vLLM's offline video input: frames plus the metadata its Qwen2.5-VL processor wants."""
-    n = int(frames.shape[0])
-    return frames, {
-        "fps": fps,
-        "duration": n / fps,
-        "total_num_frames": n,
-        "frames_indices": list(range(n)),
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
+    from stts_vllm.video_inputs import video_metadata
+
+    return frames, video_metadata(int(frames.shape[0]), fps)
 
 
 def image(height: int, width: int, seed: int = 0) -> Any:

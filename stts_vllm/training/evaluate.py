@@ -28,6 +28,7 @@ from tqdm import tqdm
 from stts_vllm.checkpoint import derive
 from stts_vllm.training.model import chat_prompt
 from stts_vllm.training.videoqa import VideoQA, make_sample, subsample
+from stts_vllm.video_inputs import video_metadata as frames_metadata
 
 METHODS = ("none", "random", "evs", "heuristic", "learned")
 SERVER = "server"  # over HTTP: whatever scorer the server's checkpoint has
@@ -114,15 +115,7 @@ def clips(mode: Mode, count: int) -> list[VideoQA]:
 
 def video_metadata(sample: VideoQA) -> dict[str, Any]:
     """What vLLM's Qwen2.5-VL processor wants with pre-sampled frames."""
-    n = int(sample.frames.shape[0])
-    return {
-        "fps": sample.fps,
-        "duration": n / sample.fps,
-        "total_num_frames": n,
-        "frames_indices": list(range(n)),
-        "video_backend": "opencv",
-        "do_sample_frames": False,
-    }
+    return frames_metadata(int(sample.frames.shape[0]), sample.fps)
 
 
 def _score(result: ModeResult, sample: VideoQA, answer: str, video_tokens: int) -> None:

@@ -133,9 +133,6 @@ class STTSVideoQAModel(nn.Module):
         write_stts_block(out, self.stts.to_dict())
         if self.scorer is not None:
             scorer_state_dict_to_file(self.scorer.state_dict(), out / SCORER_FILE)
-        # A stale generation config from save_pretrained must not override greedy decoding.
-        if (Path(source) / "generation_config.json").is_file():
-            shutil.copyfile(Path(source) / "generation_config.json", out / "generation_config.json")
         return out
 
     # -- inputs --

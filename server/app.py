@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -19,7 +20,8 @@ from server.state import Admission, AppState
 logger = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, on_engine_death: Callable[[], None] | None = None) -> FastAPI:
+    """`on_engine_death` stops the HTTP server (see `_watch_engine`)."""
     engine = EngineService(settings)
     store = FileStore(
         settings.files_dir,
@@ -38,9 +40,12 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await engine.start()
+        stop = on_engine_death if settings.exit_on_engine_death else None
+        watchdog = asyncio.create_task(_watch_engine(engine, stop))
         try:
             yield
         finally:
+            watchdog.cancel()
             await engine.stop()
 
     app = FastAPI(title="stts-vllm", version="0.1.0", lifespan=lifespan)
@@ -50,3 +55,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(files.router)
     app.include_router(service.router)
     return app
+
+
+async def _watch_engine(engine: EngineService, stop: Callable[[], None] | None) -> None:
+    """vLLM's engine process does not come back once it died (a crash in a forward pass, the
+    OOM killer): requests get 503 from then on, and unless told otherwise the server stops
+    itself (`stts-serve` then exits with status 1) so that Docker or Kubernetes starts a fresh
+    one."""
+    while not engine.dead:
+        await asyncio.sleep(1.0)
+    logger.error("the inference engine died (its error is logged above)")
+    if stop is not None:
+        stop()

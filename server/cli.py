@@ -28,9 +28,17 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         raise SystemExit(str(error)) from None
 
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, timeout_graceful_shutdown=10
+    def stop() -> None:  # uvicorn's graceful shutdown, without a signal it would re-raise
+        server.should_exit = True
+
+    app = create_app(settings, on_engine_death=stop)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, timeout_graceful_shutdown=10
     )
+    server = uvicorn.Server(config)
+    server.run()
+    if app.state.stts.engine.dead:
+        raise SystemExit("stts-serve: the inference engine died; exiting so it can be restarted")
 
 
 if __name__ == "__main__":

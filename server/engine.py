@@ -82,6 +82,7 @@ class EngineService:
         self.engine: Any = None
         self.tokenizer: Any = None
         self.ready = asyncio.Event()
+        self._died = False
 
     def engine_args(self) -> Any:
         from vllm import AsyncEngineArgs
@@ -114,6 +115,14 @@ class EngineService:
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.ready.set()
         logger.info("engine ready: %s (STTS: %s)", self.settings.model, self.facts.is_stts)
+
+    @property
+    def dead(self) -> bool:
+        """vLLM's engine process died: it does not come back, only a new server process helps
+        (sticky: still true after `stop`)."""
+        if not self._died and self.engine is not None and self.engine.errored:
+            self._died = True
+        return self._died
 
     async def stop(self) -> None:
         self.ready.clear()

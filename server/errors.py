@@ -15,6 +15,11 @@ from server.schemas import ErrorBody, ErrorResponse
 
 logger = logging.getLogger(__name__)
 
+ENGINE_DEAD = (
+    "the inference engine stopped after an internal error (see the server log); "
+    "the server must be restarted"
+)
+
 
 class APIError(Exception):
     """Raised anywhere in request handling; rendered as an OpenAI-style error."""
@@ -104,6 +109,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    @app.exception_handler(EngineDeadError)
+    async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:
+        return error_response(503, ENGINE_DEAD, code="engine_dead")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

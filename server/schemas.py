@@ -208,4 +208,4 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "starting", "unavailable"]
+    status: Literal["ok", "starting", "unavailable", "engine_dead"]

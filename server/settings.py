@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>`")
     max_in_flight: int = Field(64, description="requests admitted at once; more get 429")
     retry_after_seconds: int = 1
+    exit_on_engine_death: bool = Field(
+        True,
+        description="stop the process (exit status 1) when the engine dies, so Docker or "
+        "Kubernetes restarts the server; false keeps it up answering 503",
+    )
     max_request_bytes: int = 64 * 1024 * 1024
 
     # -- media --

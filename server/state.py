@@ -10,7 +10,7 @@ from fastapi import Depends, Request
 
 from server import metrics
 from server.engine import EngineService
-from server.errors import APIError
+from server.errors import ENGINE_DEAD, APIError
 from server.file_store import FileStore
 from server.media import MediaLoader
 from server.settings import Settings
@@ -88,6 +88,9 @@ def require_api_key(request: Request) -> None:
 
 
 def require_ready(request: Request) -> None:
+    """Refuses work (before any video is decoded) while the engine loads or once it died."""
+    if request.app.state.stts.engine.dead:
+        raise APIError(503, ENGINE_DEAD, code="engine_dead")
     if not request.app.state.stts.engine.ready.is_set():
         raise APIError(
             503, "model is still loading", code="not_ready", headers={"Retry-After": "5"}

@@ -28,15 +28,16 @@ def server_env(**extra: str) -> dict[str, str]:
 
 
 @contextmanager
-def running_server(
+def server_process(
     argv: list[str],
     url: str,
     ready_path: str,
     log: Path,
     env: dict[str, str],
     timeout: float = 300,
-) -> Iterator[str]:
-    """Runs `argv` until the `with` ends; yields once `url + ready_path` answers 200."""
+) -> Iterator[subprocess.Popen]:
+    """Runs `argv` until the `with` ends; yields the process once `url + ready_path` answers
+    200."""
     with log.open("w") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
@@ -52,7 +53,7 @@ def running_server(
             if time.monotonic() > deadline:
                 pytest.fail(f"server not ready in {timeout:.0f} s:\n{log.read_text()[-4000:]}")
             time.sleep(1)
-        yield url
+        yield proc
     finally:
         proc.terminate()
         try:

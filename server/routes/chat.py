@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from server import metrics
 from server.chat_inputs import EngineInputs, build_engine_inputs
-from server.errors import APIError
+from server.errors import ENGINE_DEAD, APIError
 from server.schemas import (
     AssistantMessage,
     ChatCompletionChunk,
@@ -255,11 +255,14 @@ async def _stream(
         status = 499
         raise
     except Exception as exc:
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         status = 500
+        dead = isinstance(exc, EngineDeadError)
         error = ErrorBody(
-            message=f"generation failed: {type(exc).__name__}",
+            message=ENGINE_DEAD if dead else f"generation failed: {type(exc).__name__}",
             type="server_error",
-            code="internal_error",
+            code="engine_dead" if dead else "internal_error",
         )
         yield f"data: {ErrorResponse(error=error).model_dump_json()}\n\n"
     finally:

@@ -21,14 +21,19 @@ async def list_models(state: StateDep) -> ModelList:
 
 
 @router.get("/health", response_model=Health)
-async def health() -> Health:
-    """Liveness: the process answers (the model may still be loading)."""
-    return Health(status="ok")
+async def health(state: StateDep) -> JSONResponse:
+    """Liveness: the process answers (the model may still be loading) and its engine is not
+    dead; a liveness probe that fails restarts the container."""
+    if state.engine.dead:
+        return JSONResponse(Health(status="engine_dead").model_dump(), status_code=503)
+    return JSONResponse(Health(status="ok").model_dump())
 
 
 @router.get("/ready", response_model=Health)
 async def ready(state: StateDep) -> JSONResponse:
     """Readiness: the engine is loaded and accepting requests."""
+    if state.engine.dead:
+        return JSONResponse(Health(status="engine_dead").model_dump(), status_code=503)
     if state.engine.ready.is_set():
         return JSONResponse(Health(status="ok").model_dump())
     return JSONResponse(Health(status="starting").model_dump(), status_code=503)

@@ -12,7 +12,7 @@ import pytest
 from media import encode_mp4, moving_square_video
 
 from stts_vllm.core import retained_count
-from tests.processes import free_port, running_server, server_env
+from tests.processes import free_port, server_env, server_process
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def server(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         "8192",
     ]
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(argv, f"http://127.0.0.1:{port}", "/health", log, server_env()) as url:
+    url = f"http://127.0.0.1:{port}"
+    with server_process(argv, url, "/health", log, server_env()):
         yield url
 
 

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from stts_vllm.checkpoint import make_demo
-from tests.processes import free_port, running_server, server_env
+from tests.processes import free_port, server_env, server_process
 
 API_KEY = "test-key"
 MAX_IN_FLIGHT = 40
@@ -62,5 +62,6 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "8192",
     ]
     log = root / "server.log"
-    with running_server(argv, f"http://127.0.0.1:{port}", "/ready", log, env) as url:
+    url = f"http://127.0.0.1:{port}"
+    with server_process(argv, url, "/ready", log, env):
         yield Server(url=url, media_root=media_root, log=log)

@@ -6,8 +6,11 @@ With `--launch` it starts `stts-serve` itself, once per configuration, on 127.0.
 `unpruned` (keep 1.0 per request), `stts` (keep 0.5), `evs` (the stock architecture over the
 same weights with vLLM's `video_pruning_rate` 0.5), each on the same checkpoint (default: the
 demo). Without it, `--url` names one running server (loopback only) and `--keep` the ratio.
-Videos of several lengths are uploaded once through `/v1/files`; each request asks about one
-of them (`--turns N`: N questions per video in a row, to show decoded-frame cache reuse).
+Every conversation gets a clip of its own (lengths cycle through `--video-seconds`; the same
+clips for every configuration), uploaded through `/v1/files` before the clock starts, so no
+request is served from another's cache; `--turns N` asks N questions about each clip in one
+conversation (history resent, as a chat client does) to show prefix / encoder cache reuse,
+reported as TTFT of first vs later turns.
 Reports throughput (req/s, output tok/s), TTFT and latency p50/p95/p99, errors, and the share
 of request time spent decoding video (from the server's own metrics). Bounded in requests and
 seconds. Writes `load.json` and `load.png`; `--smoke` is a seconds-long check.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import io
 import json
 import os
@@ -45,6 +49,7 @@ class Sample:
     output_tokens: int
     video_tokens: int
     status: int
+    turn: int = 0
     error: str | None = None
 
 
@@ -73,6 +78,12 @@ class LevelResult:
             "output_tokens_per_second": tokens / self.wall_seconds if self.wall_seconds else 0.0,
             "latency_seconds": percentiles(lat),
             "ttft_seconds": percentiles(ttft),
+            "ttft_first_turn_seconds": percentiles(
+                sorted(s.ttft for s in good if s.ttft is not None and s.turn == 0)
+            ),
+            "ttft_later_turns_seconds": percentiles(
+                sorted(s.ttft for s in good if s.ttft is not None and s.turn > 0)
+            ),
             "video_tokens_mean": statistics.mean(s.video_tokens for s in good) if good else 0,
             "decode_share_of_request_time": (
                 self.decode_seconds / self.request_seconds if self.request_seconds else None
@@ -121,10 +132,13 @@ async def upload(client: httpx.AsyncClient, data: bytes, name: str) -> str:
 
 # --------------------------------------------------------------------------- requests
 
+QUESTIONS = ["What happens in the video?", "What color is the square?", "Where does it go?"]
+
 
 async def one_request(
-    client: httpx.AsyncClient, model: str, file_id: str, keep: float, question: str, max_tokens: int
-) -> Sample:
+    client: httpx.AsyncClient, model: str, messages: list[dict], keep: float, max_tokens: int
+) -> tuple[Sample, str]:
+    """One streaming chat completion; returns the measurement and the answer's text."""
     body = {
         "model": model,
         "stream": True,
@@ -132,40 +146,66 @@ async def one_request(
         "max_tokens": max_tokens,
         "temperature": 0,
         "ignore_eos": True,
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "video_url", "video_url": {"url": file_id}},
-                    {"type": "text", "text": question},
-                ],
-            }
-        ],
+        "messages": messages,
         "stts": {"keep_ratio": keep, "test_time_scaling": False},
     }
     start = time.perf_counter()
     ttft = None
     tokens = video_tokens = 0
+    answer: list[str] = []
     try:
         async with client.stream("POST", "/v1/chat/completions", json=body) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:200]
-                return Sample(
-                    False, time.perf_counter() - start, None, 0, 0, response.status_code, text
-                )
+                elapsed = time.perf_counter() - start
+                return Sample(False, elapsed, None, 0, 0, response.status_code, error=text), ""
             async for line in response.aiter_lines():
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
-                if ttft is None and any(c["delta"].get("content") for c in chunk["choices"]):
-                    ttft = time.perf_counter() - start
+                if "error" in chunk:  # the server's mid-stream error event
+                    message = str(chunk["error"].get("message"))[:200]
+                    elapsed = time.perf_counter() - start
+                    return Sample(False, elapsed, ttft, 0, 0, 200, error=message), ""
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        ttft = ttft if ttft is not None else time.perf_counter() - start
+                        answer.append(choice["delta"]["content"])
                 if chunk.get("usage"):
                     tokens = chunk["usage"]["completion_tokens"]
                 if chunk.get("stts"):
                     video_tokens = chunk["stts"]["video_tokens_after"]
     except httpx.HTTPError as error:
-        return Sample(False, time.perf_counter() - start, ttft, 0, 0, 0, repr(error))
-    return Sample(True, time.perf_counter() - start, ttft, tokens, video_tokens, 200)
+        return Sample(False, time.perf_counter() - start, ttft, 0, 0, 0, error=repr(error)), ""
+    return Sample(True, time.perf_counter() - start, ttft, tokens, video_tokens, 200), "".join(
+        answer
+    )
+
+
+async def conversation(
+    client: httpx.AsyncClient, model: str, file_id: str, keep: float, turns: int, max_tokens: int
+) -> list[Sample]:
+    """`turns` questions about one video, each sent with the history so far, as a chat client
+    would: later turns share the video's prefix with the first (prefix and encoder caches)."""
+    messages: list[dict] = []
+    samples = []
+    for turn in range(turns):
+        question = QUESTIONS[turn % len(QUESTIONS)]
+        if turn == 0:
+            content: str | list[dict] = [
+                {"type": "video_url", "video_url": {"url": file_id}},
+                {"type": "text", "text": question},
+            ]
+        else:
+            content = question
+        messages.append({"role": "user", "content": content})
+        sample, answer = await one_request(client, model, messages, keep, max_tokens)
+        sample.turn = turn
+        samples.append(sample)
+        if not sample.ok:
+            break
+        messages.append({"role": "assistant", "content": answer})
+    return samples
 
 
 async def metric_sums(client: httpx.AsyncClient) -> dict[str, float]:
@@ -181,37 +221,45 @@ async def metric_sums(client: httpx.AsyncClient) -> dict[str, float]:
     return sums
 
 
+@functools.cache
+def clip(seconds: float, seed: int) -> bytes:
+    return make_video(seconds, seed=seed)
+
+
 async def run_level(
-    url: str,
-    config: str,
-    keep: float,
-    concurrency: int,
-    files: list[str],
-    requests: int,
-    turns: int,
-    max_tokens: int,
-    time_limit: float,
+    url: str, config: str, keep: float, concurrency: int, level: int, args: argparse.Namespace
 ) -> LevelResult:
+    """One concurrency level on videos of its own: every conversation gets a distinct clip (the
+    same clips for every configuration), so caches help only within a conversation, as with
+    real traffic; the clips are uploaded before the clock starts and deleted after."""
+    requests = max(args.requests_per_level, concurrency * 2)
+    conversations = -(-requests // args.turns)
     headers = {"Authorization": f"Bearer {API_KEY}"}
     limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(
         base_url=url, headers=headers, timeout=600, limits=limits
     ) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
-        before = await metric_sums(client)
-        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        questions = ["What happens?", "What color is the square?", "Where does it go?"]
-        for i in range(requests):
-            video = files[(i // turns) % len(files)]
-            queue.put_nowait((video, questions[i % turns % len(questions)]))
+        lengths = args.video_seconds
+        files = [
+            await upload(
+                client,
+                clip(lengths[i % len(lengths)], 1000 * level + i),
+                f"clip-{level}-{i}.mp4",
+            )
+            for i in range(conversations)
+        ]
+        queue: asyncio.Queue[str] = asyncio.Queue()
+        for file_id in files:
+            queue.put_nowait(file_id)
         result = LevelResult(config, concurrency, 0.0)
-        deadline = time.perf_counter() + time_limit
+        before = await metric_sums(client)
+        deadline = time.perf_counter() + args.time_limit
 
         async def worker() -> None:
             while not queue.empty() and time.perf_counter() < deadline:
-                video, question = queue.get_nowait()
-                result.samples.append(
-                    await one_request(client, model, video, keep, question, max_tokens)
+                result.samples += await conversation(
+                    client, model, queue.get_nowait(), keep, args.turns, args.max_tokens
                 )
 
         start = time.perf_counter()
@@ -224,6 +272,8 @@ async def run_level(
         result.request_seconds = (
             after["stts_request_duration_seconds_sum"] - before["stts_request_duration_seconds_sum"]
         )
+        for file_id in files:
+            (await client.delete(f"/v1/files/{file_id}")).raise_for_status()
     return result
 
 
@@ -237,7 +287,7 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def launch(checkpoint: Path, port: int, log: Path, engine_args: dict | None) -> subprocess.Popen:
+def launch(checkpoint: Path, port: int, log: Path, engine_args: dict) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
@@ -270,6 +320,15 @@ def launch(checkpoint: Path, port: int, log: Path, engine_args: dict | None) -> 
     raise SystemExit(f"server did not become ready in 600 s; see {log}")
 
 
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     import socket
 
@@ -278,36 +337,21 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def sweep(url: str, config: str, keep: float, args: argparse.Namespace) -> list[LevelResult]:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=600) as client:
-        files = [
-            await upload(client, make_video(seconds, seed=i), f"clip-{seconds}s.mp4")
-            for i, seconds in enumerate(args.video_seconds)
-        ]
-    results = []
-    for concurrency in args.concurrency:
-        requests = max(args.requests_per_level, concurrency * 2)
-        level = await run_level(
-            url,
-            config,
-            keep,
-            concurrency,
-            files,
-            requests,
-            args.turns,
-            args.max_tokens,
-            args.time_limit,
-        )
-        summary = level.summary()
+async def sweep(
+    url: str, config: str, keep: float, args: argparse.Namespace, summaries: list[dict]
+) -> None:
+    """All concurrency levels against one server; each level's summary is saved as it ends."""
+    for level, concurrency in enumerate(args.concurrency):
+        result = await run_level(url, config, keep, concurrency, level, args)
+        summary = result.summary()
+        summaries.append(summary)
+        save(summaries, args)
         print(
             f"{config:9} c={concurrency:<3} {summary['requests_per_second']:.2f} req/s "
             f"{summary['output_tokens_per_second']:.1f} tok/s "
             f"p50 {summary['latency_seconds']['p50']} errors {summary['errors']}",
             file=sys.stderr,
         )
-        results.append(level)
-    return results
 
 
 def plot(summaries: list[dict], path: Path) -> None:
@@ -394,6 +438,12 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=1, help="questions per video in a row")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("artifacts/load"))
+    parser.add_argument(
+        "--engine-args",
+        type=json.loads,
+        default={},
+        help="JSON of vLLM engine arguments for every launched server (stts-serve --engine-args)",
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds-long: c=1,2, 2 requests")
     args = parser.parse_args()
     if args.smoke:
@@ -404,8 +454,7 @@ def main() -> None:
     summaries: list[dict] = []
     if not args.launch:
         url = check_loopback(args.url or "http://127.0.0.1:8000")
-        levels = asyncio.run(sweep(url, "server", args.keep, args))
-        summaries = [level.summary() for level in levels]
+        asyncio.run(sweep(url, "server", args.keep, args, summaries))
     else:
         from stts_vllm.checkpoint import derive, make_demo
 
@@ -413,19 +462,29 @@ def main() -> None:
         checkpoint = args.checkpoint or make_demo(tmp / "demo")
         stock = derive(checkpoint, tmp / "stock", stock=True)
         configs = [
-            ("unpruned", checkpoint, 1.0, None),
-            ("stts", checkpoint, 0.5, None),
+            ("unpruned", checkpoint, 1.0, {}),
+            ("stts", checkpoint, 0.5, {}),
             ("evs", stock, 1.0, {"video_pruning_rate": 0.5}),
         ]
         for name, path, keep, engine_args in configs:
             port = free_port()
-            process = launch(path, port, args.out / f"server-{name}.log", engine_args)
+            log = args.out / f"server-{name}.log"
+            process = launch(path, port, log, args.engine_args | engine_args)
             try:
-                levels = asyncio.run(sweep(f"http://127.0.0.1:{port}", name, keep, args))
-                summaries += [level.summary() for level in levels]
+                asyncio.run(sweep(f"http://127.0.0.1:{port}", name, keep, args, summaries))
             finally:
-                process.terminate()
-                process.wait(timeout=60)
+                stop(process)
+            if process.returncode not in (0, -15):
+                print(f"{name}: server exited {process.returncode}; see {log}", file=sys.stderr)
+    result = save(summaries, args)
+    for t in result["targets"]:
+        status = "met" if t["met"] else "MISSED"
+        print(f"target {t['target']}: goal {t['goal']}, measured {t['measured']:.3f} -> {status}")
+    print(f"wrote {args.out / 'load.json'} and load.png")
+
+
+def save(summaries: list[dict], args: argparse.Namespace) -> dict:
+    """Writes the report so far (a level that ends is never lost to a later failure)."""
     result = {
         "machine": {"cores": os.cpu_count()},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -434,10 +493,7 @@ def main() -> None:
     }
     (args.out / "load.json").write_text(json.dumps(result, indent=2))
     plot(summaries, args.out / "load.png")
-    for t in result["targets"]:
-        status = "met" if t["met"] else "MISSED"
-        print(f"target {t['target']}: goal {t['goal']}, measured {t['measured']:.3f} -> {status}")
-    print(f"wrote {args.out / 'load.json'} and load.png")
+    return result
 
 
 if __name__ == "__main__":

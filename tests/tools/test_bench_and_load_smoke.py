@@ -45,7 +45,7 @@ def test_engine_benchmark_smoke(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_load_test_smoke(tmp_path: Path) -> None:
-    report = _run("loadtests/chat_load.py", tmp_path, "--launch")
+    report = _run("loadtests/chat_load.py", tmp_path, "--launch", "--turns", "2")
     levels = report["levels"]
     assert {(lv["config"], lv["concurrency"]) for lv in levels} == {
         (c, n) for c in ("unpruned", "stts", "evs") for n in (1, 2)
@@ -54,6 +54,9 @@ def test_load_test_smoke(tmp_path: Path) -> None:
         assert level["errors"] == 0, level["error_examples"]
         assert level["requests"] >= 2 and level["requests_per_second"] > 0
         assert level["latency_seconds"]["p50"] > 0 and level["ttft_seconds"]["p50"] > 0
+        # two-turn conversations: both turns measured apart (the second reuses the video prefix)
+        assert level["ttft_first_turn_seconds"]["p50"] > 0
+        assert level["ttft_later_turns_seconds"]["p50"] > 0
     by = {(lv["config"], lv["concurrency"]): lv for lv in levels}
     assert by[("stts", 1)]["video_tokens_mean"] < by[("unpruned", 1)]["video_tokens_mean"]
     assert (tmp_path / "load.png").is_file()

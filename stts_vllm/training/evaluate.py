@@ -26,6 +26,7 @@ from typing import Any
 from tqdm import tqdm
 
 from stts_vllm.checkpoint import derive
+from stts_vllm.offline_engine import EngineCache
 from stts_vllm.training.model import chat_prompt
 from stts_vllm.training.videoqa import VideoQA, make_sample, subsample
 from stts_vllm.video_inputs import video_metadata as frames_metadata
@@ -142,20 +143,22 @@ class OfflineRunner:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         self.checkpoint = Path(checkpoint)
         self.tmp = tempfile.TemporaryDirectory(prefix="stts-eval-")
-        self.engine_args = {
-            "dtype": "float32",
-            "enforce_eager": True,
-            "max_model_len": 8192,
-            "limit_mm_per_prompt": {"video": 1},
-            "seed": 0,
-            # Whole prompts per step: stock EVS's position fix-up crashes when a prefill chunk
-            # ends right after a vision-start token (IndexError in evs.recompute_mrope_positions;
-            # STTS has its own fix-up), which a small token or encoder budget makes likely.
-            "max_num_seqs": 16,
-            "max_num_batched_tokens": 16384,
-        } | (engine_args or {})
-        self._key: tuple | None = None
-        self._llm: Any = None
+        self.engines = EngineCache(
+            {
+                "dtype": "float32",
+                "enforce_eager": True,
+                "max_model_len": 8192,
+                "limit_mm_per_prompt": {"video": 1},
+                "seed": 0,
+                # Whole prompts per step: stock EVS's position fix-up crashes when a prefill
+                # chunk ends right after a vision-start token (IndexError in
+                # evs.recompute_mrope_positions; STTS has its own fix-up), which a small token
+                # or encoder budget makes likely.
+                "max_num_seqs": 16,
+                "max_num_batched_tokens": 16384,
+            }
+            | (engine_args or {})
+        )
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.checkpoint)
@@ -177,14 +180,7 @@ class OfflineRunner:
 
     def _engine(self, mode: Mode) -> Any:
         path, extra = self._variant(mode)
-        key = (str(path), json.dumps(extra, sort_keys=True))
-        if key != self._key:
-            self.close()
-            from vllm import LLM
-
-            self._llm = LLM(model=str(path), **(self.engine_args | extra))
-            self._key = key
-        return self._llm
+        return self.engines.get(path, **extra)
 
     def run(self, mode: Mode, samples: Sequence[VideoQA]) -> ModeResult:
         from vllm import SamplingParams
@@ -213,15 +209,7 @@ class OfflineRunner:
         return result
 
     def close(self) -> None:
-        if self._llm is None:
-            return
-        import gc
-
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        self._llm = self._key = None
-        gc.collect()
-        cleanup_dist_env_and_memory()
+        self.engines.close()
 
 
 def read_architecture(path: Path) -> str:

@@ -7,7 +7,6 @@ test modules are grouped by engine so switching is rare.
 
 from __future__ import annotations
 
-import gc
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from stts_vllm.checkpoint import derive, make_demo
+from stts_vllm.offline_engine import EngineCache
 
 ENGINE_DEFAULTS: dict[str, Any] = {
     "dtype": "float32",
@@ -61,36 +61,10 @@ def stock_ckpt(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return stock_copy(demo_ckpt, tmp_path_factory.mktemp("ckpt") / "stock")
 
 
-class Engines:
-    """Hands out a live `vllm.LLM` for a checkpoint + settings, closing the previous one."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._llm: Any = None
-
-    def get(self, checkpoint: Path, **overrides: Any) -> Any:
-        from vllm import LLM
-
-        key = (str(checkpoint), repr(sorted(overrides.items())))
-        if key != self._key:
-            self.close()
-            self._llm = LLM(model=str(checkpoint), **(ENGINE_DEFAULTS | overrides))
-            self._key = key
-        return self._llm
-
-    def close(self) -> None:
-        if self._llm is None:
-            return
-        from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
-
-        self._llm = self._key = None
-        gc.collect()
-        cleanup_dist_env_and_memory()
-
-
 @pytest.fixture(scope="session")
-def engines() -> Iterator[Engines]:
-    pool = Engines()
+def engines() -> Iterator[EngineCache]:
+    """Hands out a live `vllm.LLM` for a checkpoint + settings, closing the previous one."""
+    pool = EngineCache(ENGINE_DEFAULTS)
     yield pool
     pool.close()
 

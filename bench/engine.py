@@ -63,9 +63,12 @@ def vit_flops(config: dict, steps: int, units_hw: int, keep: float, prune_at: in
     (3 d m) per patch, and attention over each patch's segment (window or whole step)."""
     v = config["vision_config"]
     d, m, depth = v["hidden_size"], v["intermediate_size"], v["depth"]
-    full = set(v["fullatt_block_indexes"])
+    # Qwen2.5-VL: window attention except a few full blocks, gated MLP. Qwen3-VL: every
+    # block attends over its whole step, plain MLP, plus one merger per deepstack tap.
+    full = set(v.get("fullatt_block_indexes", range(depth)))
+    mlp = 3 if "window_size" in v else 2
     unit = v["spatial_merge_size"] ** 2
-    window_units = (v["window_size"] // v["patch_size"] // v["spatial_merge_size"]) ** 2
+    window_units = (v.get("window_size", 0) // v["patch_size"] // v["spatial_merge_size"]) ** 2
     total_units = steps * units_hw
     flops = 0.0
     for block in range(depth):
@@ -73,9 +76,10 @@ def vit_flops(config: dict, steps: int, units_hw: int, keep: float, prune_at: in
         frac = units / total_units
         patches = units * unit
         segment = (units_hw if block in full else min(window_units, units_hw)) * unit * frac
-        flops += 2 * patches * (4 * d * d + 3 * d * m) + 4 * patches * segment * d
+        flops += 2 * patches * (4 * d * d + mlp * d * m) + 4 * patches * segment * d
     merger = (d * unit) ** 2 + d * unit * config["text_config"]["hidden_size"]
-    return flops + 2 * _kept(steps, units_hw, keep) * merger
+    mergers = 1 + len(v.get("deepstack_visual_indexes", []))
+    return flops + 2 * _kept(steps, units_hw, keep) * merger * mergers
 
 
 def llm_flops(config: dict, tokens: int) -> float:
@@ -188,7 +192,7 @@ def overhead_share(model: Any, frames: int, size: int, repeats: int) -> dict:
     import torch
 
     from stts_vllm.core import key_bias, pack_kept_units, retention_mask, score_units, token_rows
-    from stts_vllm.pruned_vision import pruned_vision_forward
+    from stts_vllm.pruned_vision import pruned_vision_forward, tower_adapter
 
     visual = model.visual
     patch, merge = visual.patch_size, visual.spatial_merge_size
@@ -197,18 +201,24 @@ def overhead_share(model: Any, frames: int, size: int, repeats: int) -> dict:
     pixels = torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * patch * patch)
     config = model.stts_config
     feats = torch.randn(units[0], units[1] * units[2], merge * merge, visual.hidden_size)
-    window = visual.window_size // merge // patch
+    window = tower_adapter(visual).window
 
     def overhead() -> None:
         scores = score_units(feats, config.scorer, model.stts_scorer)
-        mask = retention_mask(scores, 0.5).reshape(-1)
+        mask = retention_mask(scores, 0.5, config.selection).reshape(-1)
         key_bias(scores, config.bias_floor, config.scorer)
         packed = pack_kept_units([units], [mask], window, merge * merge)
         token_rows(packed.kept_rows, merge * merge)
 
     def vit() -> None:
         pruned_vision_forward(
-            visual, pixels, [grid], [0.5], config=config, scorer=model.stts_scorer
+            visual,
+            pixels,
+            [grid],
+            [0.5],
+            config=config,
+            scorer=model.stts_scorer,
+            selection=config.selection,
         )
 
     times: dict[str, list[float]] = {"overhead": [], "vit": []}
@@ -327,6 +337,12 @@ def main() -> None:
         "--kv-cache-gib", type=float, default=2.0, help="KV cache of each of the two engines"
     )
     parser.add_argument("--smoke", action="store_true", help="tiny demo model, 8 frames, 1 repeat")
+    parser.add_argument(
+        "--family",
+        choices=["qwen2_5_vl", "qwen3_vl"],
+        default="qwen2_5_vl",
+        help="geometry built when no --checkpoint is given",
+    )
     args = parser.parse_args()
 
     from tqdm import tqdm
@@ -337,13 +353,15 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="stts-bench-"))
     if args.smoke:
-        args.frames, args.repeats, args.size = [8], 1, 112
-        checkpoint = make_demo(tmp / "demo", scorer="learned")
+        args.frames, args.repeats = [8], 1
+        args.size = 112 if args.family == "qwen2_5_vl" else 128
+        checkpoint = make_demo(tmp / "demo", scorer="learned", family=args.family)
     else:
-        checkpoint = args.checkpoint or args.out / "bench-checkpoint"
+        name = "bench-checkpoint" + ("" if args.family == "qwen2_5_vl" else f"-{args.family}")
+        checkpoint = args.checkpoint or args.out / name
         if not (Path(checkpoint) / "config.json").is_file():
             print(f"building the bench geometry checkpoint in {checkpoint}", file=sys.stderr)
-            make_bench(Path(checkpoint), overwrite=True)
+            make_bench(Path(checkpoint), overwrite=True, family=args.family)
     config = read_config(checkpoint)
     prune_at = config["stts"]["prune_at"]
     stock = derive(checkpoint, tmp / "stock", stock=True)
@@ -381,6 +399,7 @@ def main() -> None:
     result = {
         "machine": machine(),
         "geometry": "smoke (demo)" if args.smoke else "bench (DESIGN.md §4b)",
+        "architecture": config["architectures"][0],
         "frame_size": args.size,
         "repeats": args.repeats,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from stts_vllm.core.config import STTSConfig
+from stts_vllm.families import Family, family_named, family_of_config, resolve_stts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig
@@ -114,6 +115,62 @@ VOCAB_MULTIPLE = 64  # embedding rows are padded like real checkpoints (151665 t
 # Pixel bounds keep demo videos to a handful of tokens per frame (4..256 merged units).
 MIN_PIXELS = 28 * 28 * 4
 MAX_PIXELS = 28 * 28 * 256
+
+# The tiny Qwen3-VL: patch 16 (32 px units), learned absolute position embeddings (an 8 x 8
+# table, interpolated), no windows, deepstack taps before the pruning point (0) and after it
+# (3) with the default prune_at 1; head_dim 32 with an interleaved mrope_section of 16.
+QWEN3_VISION_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_heads": 4,
+    "intermediate_size": 128,
+    "patch_size": 16,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+    "num_position_embeddings": 64,
+    "hidden_act": "gelu_pytorch_tanh",
+    "in_channels": 3,
+    "initializer_range": 0.2,  # as VISION_CONFIG: a livelier tiny tower
+}
+QWEN3_DEEPSTACK = [0, 3]
+QWEN3_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "max_position_embeddings": 32768,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [6, 5, 5],
+        "mrope_interleaved": True,
+    },
+    "rms_norm_eps": 1e-6,
+}
+# Qwen3-VL's processors bound a *video's* pixel volume (frames x height x width), an image's
+# area: 4..4096 tokens a video, 4..256 an image, in 32 x 32 px units.
+QWEN3_UNIT_PIXELS = 32 * 32
+QWEN3_BENCH_GEOMETRY: dict[str, Any] = {
+    "vit_depth": 24,
+    "deepstack": [5, 11, 17],
+    "prune_at": 3,
+    "vision": {"hidden_size": 256, "num_heads": 4, "intermediate_size": 1024},
+    "text": {
+        "hidden_size": 1024,
+        "intermediate_size": 2816,
+        "num_hidden_layers": 8,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 4,
+        "head_dim": 64,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 5000000.0,
+            "mrope_section": [12, 10, 10],
+            "mrope_interleaved": True,
+        },
+    },
+}
 
 # --------------------------------------------------------------------------- tokenizer data
 SPECIAL_TOKENS: tuple[str, ...] = (
@@ -237,7 +294,7 @@ def derive(
         (out / item.name).symlink_to(item.resolve())
     config = read_config(src)
     if stock:
-        config["architectures"] = [STOCK_ARCHITECTURE]
+        config["architectures"] = [family_of_config(config, str(src)).stock_architecture]
         config.pop("stts", None)
     _write_json(out / CONFIG_FILE, config)
     if stts and not stock:
@@ -251,6 +308,7 @@ def write_stts_block(ckpt_dir: Path, stts: Mapping[str, Any]) -> STTSConfig:
     parsed = STTSConfig.from_dict(dict(stts))
     config = read_config(ckpt_dir)
     parsed.check_vit_depth(_vit_depth(config))
+    resolve_stts(parsed, family_of_config(config, str(Path(ckpt_dir) / CONFIG_FILE)))
     config["stts"] = parsed.to_dict()
     _write_json(Path(ckpt_dir) / CONFIG_FILE, config)
     return parsed
@@ -259,7 +317,7 @@ def write_stts_block(ckpt_dir: Path, stts: Mapping[str, Any]) -> STTSConfig:
 def _vit_depth(config: Mapping[str, Any]) -> int:
     depth = config.get("vision_config", {}).get("depth")
     if not isinstance(depth, int):
-        raise ValueError("config.json has no integer vision_config.depth; not a Qwen2.5-VL config?")
+        raise ValueError("config.json has no integer vision_config.depth")
     return depth
 
 
@@ -450,16 +508,92 @@ def demo_config(
     )
 
 
-def _save_random_weights(config: Qwen2_5_VLConfig, out: Path, seed: int) -> None:
+def demo_config_qwen3_vl(
+    tokenizer: PreTrainedTokenizerBase,
+    vit_depth: int = 4,
+    deepstack: list[int] | None = None,
+    vision_overrides: Mapping[str, Any] | None = None,
+    text_overrides: Mapping[str, Any] | None = None,
+) -> Any:
+    """The tiny Qwen3-VL config, token ids from `tokenizer` (the Qwen special tokens)."""
+    from transformers import Qwen3VLConfig
+
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    text = (
+        copy.deepcopy(QWEN3_TEXT_CONFIG)
+        | copy.deepcopy(dict(text_overrides or {}))
+        | {
+            "vocab_size": vocab_size,
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        }
+    )
+    deepstack = QWEN3_DEEPSTACK if deepstack is None else deepstack
+    if not all(0 <= d < vit_depth for d in deepstack):
+        raise ValueError(f"deepstack indexes must be block indexes below {vit_depth}")
+    vision = (
+        copy.deepcopy(QWEN3_VISION_CONFIG)
+        | dict(vision_overrides or {})
+        | {
+            "depth": vit_depth,
+            "out_hidden_size": text["hidden_size"],
+            "deepstack_visual_indexes": list(deepstack),
+        }
+    )
+    return Qwen3VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+        dtype="float32",
+    )
+
+
+def _save_random_weights(config: Any, out: Path, seed: int) -> None:
     """transformers' own random init under a fixed seed: same seed, same bytes."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    import transformers
 
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
+    model = getattr(transformers, config.architectures[0])(config)
     bad = [name for name, t in model.state_dict().items() if not torch.isfinite(t).all()]
     if bad:
         raise RuntimeError(f"random init produced non-finite weights: {bad[:5]}")
     model.save_pretrained(out)
+
+
+def _save_processor_qwen3_vl(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
+    """Qwen3-VL's processor (patch 16), tokenizer and chat template, as `_save_processor`."""
+    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    unit = QWEN3_UNIT_PIXELS
+    processor = Qwen3VLProcessor(
+        # Real Qwen3-VL checkpoints normalise images and videos alike (mean = std = 0.5);
+        # vLLM 0.32 normalises *both* on device with the image processor's values.
+        image_processor=Qwen2VLImageProcessor(
+            patch_size=16,
+            size={"shortest_edge": 4 * unit, "longest_edge": 256 * unit},
+            image_mean=[0.5, 0.5, 0.5],
+            image_std=[0.5, 0.5, 0.5],
+        ),
+        video_processor=Qwen3VLVideoProcessor(
+            patch_size=16,
+            size={"shortest_edge": 8 * unit, "longest_edge": 8192 * unit},
+            cap_pixels_per_frame=False,  # as the Qwen2.5-VL demo: a video's volume bounds only
+        ),
+        tokenizer=tokenizer,
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(out)
+    tokenizer_config_path = out / "tokenizer_config.json"
+    tokenizer_config = json.loads(tokenizer_config_path.read_text())
+    tokenizer_config["chat_template"] = CHAT_TEMPLATE
+    _write_json(tokenizer_config_path, tokenizer_config)
 
 
 def _save_processor(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
@@ -498,18 +632,27 @@ def _save_generation_config(tokenizer: PreTrainedTokenizerBase, out: Path) -> No
     ).save_pretrained(out)
 
 
-def make_bench(out: Path, *, scorer: str = "learned", overwrite: bool = False) -> Path:
-    """The random "bench" geometry checkpoint (DESIGN.md §4b) for speed measurements."""
-    g = BENCH_GEOMETRY
+def make_bench(
+    out: Path, *, scorer: str = "learned", overwrite: bool = False, family: str = "qwen2_5_vl"
+) -> Path:
+    """The random "bench" geometry checkpoint (DESIGN.md §4b) for speed measurements; for
+    Qwen3-VL: ViT depth 24, width 256, deepstack at 3 blocks, the same LLM."""
+    if family == "qwen3_vl":
+        g = QWEN3_BENCH_GEOMETRY
+        layout: dict[str, Any] = {"deepstack": g["deepstack"]}
+    else:
+        g = BENCH_GEOMETRY
+        layout = {"fullatt_blocks": g["fullatt_blocks"]}
     return make_demo(
         out,
+        family=family,
         scorer=scorer,
         prune_at=g["prune_at"],
         vit_depth=g["vit_depth"],
-        fullatt_blocks=g["fullatt_blocks"],
         vision_overrides=g["vision"],
         text_overrides=g["text"],
         overwrite=overwrite,
+        **layout,
     )
 
 
@@ -526,8 +669,11 @@ def make_demo(
     overwrite: bool = False,
     vision_overrides: Mapping[str, Any] | None = None,
     text_overrides: Mapping[str, Any] | None = None,
+    family: str = "qwen2_5_vl",
+    deepstack: list[int] | None = None,
 ) -> Path:
-    """Build a tiny random STTS Qwen2.5-VL checkpoint at `out`, fully offline.
+    """Build a tiny random STTS checkpoint at `out`, fully offline: Qwen2.5-VL by default,
+    `family="qwen3_vl"` for Qwen3-VL (`deepstack`: its deepstack block indexes).
 
     `vision_overrides` / `text_overrides` change the geometry (e.g. `BENCH_GEOMETRY`).
 
@@ -546,38 +692,42 @@ def make_demo(
     stts.check_vit_depth(vit_depth)
     out = _prepare_out(out, overwrite)
 
+    stts_family = family_named(family)
+    if family not in ("qwen2_5_vl", "qwen3_vl"):
+        raise ValueError(f"make_demo builds families qwen2_5_vl and qwen3_vl, not {family!r}")
     tokenizer = build_tokenizer()
     if fullatt_blocks is not None and not all(0 <= b < vit_depth for b in fullatt_blocks):
         raise ValueError(f"fullatt_blocks must be block indexes below {vit_depth}")
-    config = demo_config(tokenizer, vit_depth, fullatt_blocks, vision_overrides, text_overrides)
+    if family == "qwen3_vl":
+        config = demo_config_qwen3_vl(
+            tokenizer, vit_depth, deepstack, vision_overrides, text_overrides
+        )
+    else:
+        config = demo_config(tokenizer, vit_depth, fullatt_blocks, vision_overrides, text_overrides)
+    config.architectures = [stts_family.stock_architecture]
     _save_random_weights(config, out, seed)
-    _save_processor(tokenizer, out)
+    (_save_processor_qwen3_vl if family == "qwen3_vl" else _save_processor)(tokenizer, out)
     _save_generation_config(tokenizer, out)
     if stts.scorer == "learned":
         width = config.vision_config.hidden_size
         weights = random_scorer_state_dict(width, scorer_hidden_size, seed)
         scorer_state_dict_to_file(weights, out / SCORER_FILE)
 
-    set_architecture(out, STTS_ARCHITECTURE)
+    set_architecture(out, stts_family.stts_architecture)
     write_stts_block(out, stts.to_dict())
     return out
 
 
 # --------------------------------------------------------------------------- convert
-def _read_source_config(src: Path) -> dict[str, Any]:
-    """The source's config, after checking it is a Qwen2.5-VL (stock or already STTS) one."""
+def _read_source_config(src: Path) -> tuple[dict[str, Any], Family]:
+    """The source's config and family, after checking it is one STTS supports (stock or
+    already STTS); anything else is refused with the supported architectures named."""
     if not src.is_dir():
         raise FileNotFoundError(f"source checkpoint directory {src} not found")
     if not (src / CONFIG_FILE).is_file():
         raise FileNotFoundError(f"{src} has no {CONFIG_FILE}; not a HF checkpoint directory")
     config = read_config(src)
-    archs = config.get("architectures") or []
-    if not set(archs) & {STOCK_ARCHITECTURE, STTS_ARCHITECTURE}:
-        raise ValueError(
-            f"{src / CONFIG_FILE}: architectures {archs} is not Qwen2.5-VL; expected "
-            f"{STOCK_ARCHITECTURE!r} (or an STTS checkpoint, {STTS_ARCHITECTURE!r})"
-        )
-    return config
+    return config, family_of_config(config, str(src / CONFIG_FILE))
 
 
 def _link_source_files(src: Path, out: Path) -> None:
@@ -609,7 +759,8 @@ def convert(
     bias_floor: float = -2.0,
     overwrite: bool = False,
 ) -> Path:
-    """Make `out` an STTS view of the stock Qwen2.5-VL checkpoint `src` without copying weights.
+    """Make `out` an STTS view of the stock checkpoint `src` (Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE,
+    Qwen3.5: the family is read from its `config.json`) without copying weights.
 
     Every file of `src` is symlinked except `config.json` (rewritten with the STTS
     architecture and `stts` block) and the shard index (rewritten to include the scorer).
@@ -618,7 +769,7 @@ def convert(
     touched. Returns `out`.
     """
     src = Path(src)
-    config = _read_source_config(src)
+    config, family = _read_source_config(src)
     scorer_keys: list[str] = []
     scorer_hidden: int | None = None
     if scorer_weights is not None:
@@ -631,6 +782,7 @@ def convert(
         scorer_hidden_size=scorer_hidden,
     )
     stts.check_vit_depth(_vit_depth(config))
+    resolve_stts(stts, family)
     out = _prepare_out(out, overwrite, protect=src)
 
     _link_source_files(src, out)
@@ -638,7 +790,7 @@ def convert(
         shutil.copyfile(scorer_weights, out / SCORER_FILE)
     if (src / INDEX_FILE).is_file():
         _write_index(src / INDEX_FILE, out / INDEX_FILE, scorer_keys)
-    config["architectures"] = [STTS_ARCHITECTURE]
+    config["architectures"] = [family.stts_architecture]
     config["stts"] = stts.to_dict()
     _write_json(out / CONFIG_FILE, config)
     return out

@@ -22,9 +22,11 @@ from pydantic_settings import (
 
 
 class MakeDemo(BaseModel):
-    """Build the tiny random STTS Qwen2.5-VL checkpoint (offline, deterministic by seed)."""
+    """Build a tiny random STTS checkpoint (offline, deterministic by seed): Qwen2.5-VL, or
+    Qwen3-VL with `--family qwen3_vl`."""
 
     out: CliPositionalArg[Path]
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
     seed: int = 0
     keep_ratio: float = 0.5
     prune_at: int = 1
@@ -36,6 +38,7 @@ class MakeDemo(BaseModel):
 
         path = make_demo(
             self.out,
+            family=self.family,
             seed=self.seed,
             keep_ratio=self.keep_ratio,
             prune_at=self.prune_at,
@@ -47,7 +50,8 @@ class MakeDemo(BaseModel):
 
 
 class Convert(BaseModel):
-    """Turn a stock Qwen2.5-VL directory into an STTS one (weights linked, not copied)."""
+    """Turn a stock Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE or Qwen3.5 directory into an STTS one
+    (the family is read from its config.json; weights linked, not copied)."""
 
     src: CliPositionalArg[Path]
     out: CliPositionalArg[Path]
@@ -117,7 +121,12 @@ class Train(BaseModel):
     """
 
     out: CliPositionalArg[Path]
-    init: Path | None = Field(None, description="checkpoint to start from (default: fresh demo)")
+    init: Path | None = Field(
+        None, description="checkpoint to start from, Qwen2.5-VL or Qwen3-VL (default: fresh demo)"
+    )
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = Field(
+        "qwen2_5_vl", description="the fresh demo's family when no --init is given"
+    )
     mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
     steps: int = 1500
     batch_size: int = 16
@@ -141,8 +150,10 @@ class Train(BaseModel):
         if init is None:
             init = self.out / "init"
             if not (init / "config.json").is_file():
-                make_demo(init, seed=self.seed, scorer="learned", overwrite=True)
-        fields = self.model_dump(exclude={"out", "init"})
+                make_demo(
+                    init, seed=self.seed, scorer="learned", overwrite=True, family=self.family
+                )
+        fields = self.model_dump(exclude={"out", "init", "family"})
         path = train(TrainConfig(init=init, out=self.out, **fields))
         print(f"trained STTS checkpoint: {path}")
 

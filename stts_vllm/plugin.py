@@ -9,19 +9,24 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from stts_vllm.families import FAMILIES, family_of_architecture
+
 logger = logging.getLogger(__name__)
 
-STTS_ARCHITECTURE = "STTSQwen2_5_VLForConditionalGeneration"
-_MODEL_PATH = "stts_vllm.qwen2_5_vl:STTSQwen2_5_VLForConditionalGeneration"
+STTS_ARCHITECTURE = FAMILIES[0].stts_architecture  # Qwen2.5-VL, the first family
+STTS_ARCHITECTURES: tuple[str, ...] = tuple(f.stts_architecture for f in FAMILIES)
 
 
 def register() -> None:
+    """Every family's STTS architecture (lazily imported by vLLM) and its config hook."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    if STTS_ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(STTS_ARCHITECTURE, _MODEL_PATH)
-    MODELS_CONFIG_MAP.setdefault(STTS_ARCHITECTURE, STTSModelConfigHook)
+    supported = ModelRegistry.get_supported_archs()
+    for family in FAMILIES:
+        if family.stts_architecture not in supported:
+            ModelRegistry.register_model(family.stts_architecture, family.model_path)
+        MODELS_CONFIG_MAP.setdefault(family.stts_architecture, STTSModelConfigHook)
     patch_cpu_runner_pruning_flag()
 
 
@@ -32,9 +37,15 @@ class STTSModelConfigHook:
 
     @staticmethod
     def verify_and_update_model_config(model_config: Any) -> None:
-        from stts_vllm.qwen2_5_vl import stts_config_of
+        from stts_vllm.stts_model import stts_config_of
 
-        config = stts_config_of(model_config.hf_config)
+        hf_config = model_config.hf_config
+        family = next(
+            f
+            for arch in (getattr(hf_config, "architectures", None) or [])
+            if (f := family_of_architecture(arch)) is not None
+        )
+        config = stts_config_of(hf_config, family)
         mm_config = model_config.multimodal_config
         if mm_config is None:
             return

@@ -52,25 +52,30 @@ def place_media_positions(
     positions: torch.Tensor,
     num_computed_tokens: int,
 ) -> torch.Tensor:
-    """Write kept media tokens' own (t, h, w) into a prompt's `[3, N]` M-RoPE positions.
+    """Write kept media tokens' own positions into a prompt's `[3, N]` M-RoPE positions.
 
     `media` flags the prompt's placeholder tokens; `media_positions[i]` (`[4, n_i]`, decoded
-    columns) belongs to the i-th media slice the runner scheduled in this chunk: the items
-    whose run ends after `num_computed_tokens`, the first possibly entered mid-way. Text
-    positions are already exact (the prompt's initial positions advance each item by its
-    unpruned extent), so only placeholder columns change; each item's positions are relative
-    to the token after its vision start. Works for any chunking of the prompt.
+    columns) is the i-th media slice the runner scheduled in this chunk, in prompt order, so
+    together they cover the media tokens from `num_computed_tokens` on (the first possibly
+    entered mid-way). A run of placeholder tokens is one item (Qwen2.5-VL) or one temporal
+    step of an item (Qwen3-VL): either way each token's carried position is relative to the
+    token after its run's vision start. Text positions are already exact, so only
+    placeholder columns change. Works for any chunking of the prompt.
     """
     out = positions.clone()
-    pending = [(s, e) for s, e in media_runs(media) if e > num_computed_tokens]
-    for item, (start, end) in zip(media_positions, pending, strict=False):
+    carried = torch.cat(media_positions, dim=1) if media_positions else positions.new_zeros(4, 0)
+    done = 0
+    for start, end in media_runs(media):
+        if end <= num_computed_tokens or done == carried.shape[1]:
+            continue
         first = max(start, num_computed_tokens)
-        count = item.shape[1]
-        if first + count > end:
-            raise ValueError(
-                f"media slice of {count} tokens overruns its placeholder "
-                f"[{start}, {end}) from {first}"
-            )
+        count = min(end - first, carried.shape[1] - done)
         base = out[0, start - 1] + 1 if start > 0 else out.new_zeros(())
-        out[:, first : first + count] = item[:3].to(out.device) + base
+        out[:, first : first + count] = carried[:3, done : done + count].to(out.device) + base
+        done += count
+    if done != carried.shape[1]:
+        raise ValueError(
+            f"media slices of {carried.shape[1]} tokens: more than the {done} placeholder tokens "
+            f"from {num_computed_tokens} on (a slice overruns its placeholder)"
+        )
     return out

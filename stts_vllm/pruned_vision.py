@@ -1,34 +1,26 @@
-"""STTS pruning inside vLLM's Qwen2.5-VL vision transformer.
+"""STTS pruning inside vLLM's vision towers (Qwen2.5-VL, Qwen3-VL).
 
-The stock tower runs every block on every patch. Here blocks `0..prune_at` run stock, the
-scorer reads their output, block `prune_at + 1` runs with the log-score key bias, and the
-remaining blocks and the merger run on the kept units only, packed into variable-length
-sequences with no padding. All method logic (scores, selection, packing) is `stts_vllm.core`;
-this module only feeds vLLM's tensors through it.
+The pruned forward pass itself is `stts_vllm.core.driver`; this module only says how vLLM's
+towers map onto it: one small adapter per tower (patch embedding, a block call with vLLM's
+attention metadata, the mergers), plus the key-biased attention of block `prune_at + 1`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VisionTransformer
+from vllm.model_executor.models.qwen3_vl import Qwen3_VisionTransformer
 from vllm.model_executor.models.utils import cast_overflow_tensors
 
-from stts_vllm.core import (
-    STTSConfig,
-    STTSScorer,
-    key_bias,
-    pack_kept_units,
-    retention_mask,
-    score_units,
-    token_rows,
-    varlen_attention,
-)
+from stts_vllm.core import STTSConfig, STTSScorer, varlen_attention
+from stts_vllm.core.driver import PrunedTower, PruningPlan, Rotary, plan_pruning, run_pruned_tower
+from stts_vllm.core.packing import PackedUnits
 
 
 class KeyBiasedAttention(nn.Module):
@@ -81,7 +73,7 @@ class KeyBiasedAttention(nn.Module):
             self.key_bias = None
 
 
-def install_key_bias(visual: Qwen2_5_VisionTransformer, block: int) -> KeyBiasedAttention:
+def install_key_bias(visual: nn.Module, block: int) -> KeyBiasedAttention:
     """Wrap block `block`'s attention kernel once (idempotent); it holds no weights."""
     attn = visual.blocks[block].attn
     if not isinstance(attn.attn, KeyBiasedAttention):
@@ -89,23 +81,7 @@ def install_key_bias(visual: Qwen2_5_VisionTransformer, block: int) -> KeyBiased
     return attn.attn
 
 
-@dataclass
-class PrunedVision:
-    """Per video item: its kept units' embeddings in original order, and which units those
-    are (`None` when the item kept everything)."""
-
-    embeds: list[torch.Tensor]
-    keep_masks: list[torch.Tensor | None]
-
-
-def _unit_grid(grid_thw: Sequence[int], merge: int) -> tuple[int, int, int]:
-    t, h, w = (int(x) for x in grid_thw)
-    return t, h // merge, w // merge
-
-
-def _varlen_metadata(
-    visual: Qwen2_5_VisionTransformer, cu_seqlens: torch.Tensor
-) -> dict[str, torch.Tensor | None]:
+def _varlen_metadata(visual: Any, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor | None]:
     """The per-backend attention metadata the stock `prepare_encoder_metadata` derives from a
     `cu_seqlens`, for our packed ones."""
     cu_np = cu_seqlens.numpy()
@@ -127,97 +103,147 @@ def _varlen_metadata(
     }
 
 
+class _VLLMTower:
+    """What vLLM's Qwen towers share: blocks called with (cu_seqlens, rotary cos/sin,
+    max_seqlen, sequence_lengths), the biased block through `KeyBiasedAttention`."""
+
+    visual: Any
+    taps: Sequence[int] = ()
+
+    def __init__(self, visual: Any) -> None:
+        self.visual = visual
+        self.unit_size = visual.spatial_merge_unit
+        self.merge = visual.spatial_merge_size
+        self.depth = len(visual.blocks)
+
+    def _block_kind(self, index: int) -> str:
+        return "full"
+
+    def layout(self, packed: PackedUnits) -> dict[str, dict[str, Any]]:
+        return {
+            "full": _varlen_metadata(self.visual, packed.cu_seqlens),
+            "window": _varlen_metadata(self.visual, packed.cu_window_seqlens),
+        }
+
+    def run_block(self, index: int, hidden: torch.Tensor, rotary: Rotary, layout: Any) -> Any:
+        cos, sin = rotary
+        attention = layout[self._block_kind(index)]
+        return self.visual.blocks[index](
+            hidden, rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **attention
+        )
+
+    def run_biased_block(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        rotary: Rotary,
+        packed: PackedUnits,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        # The plain offsets (backends such as FlashInfer rewrite the stock ones).
+        full = self._block_kind(index) == "full"
+        cu = packed.cu_seqlens if full else packed.cu_window_seqlens
+        cos, sin = rotary
+        attention = self.visual.blocks[index].attn.attn
+        assert isinstance(attention, KeyBiasedAttention)
+        with attention.biased(bias):
+            return self.visual.blocks[index](
+                hidden,
+                cu_seqlens=cu,
+                rotary_pos_emb_cos=cos,
+                rotary_pos_emb_sin=sin,
+                max_seqlen=torch.tensor(int(cu.diff().max()), dtype=torch.int32),
+                sequence_lengths=None,
+            )
+
+    def merge_units(self, hidden: torch.Tensor) -> torch.Tensor:
+        if hidden.dtype == torch.float16:  # as stock: long sequences overflow fp16 at the end
+            hidden = cast_overflow_tensors(hidden)
+        return self.visual.merger(hidden)
+
+
+class Qwen2_5_VLTower(_VLLMTower):
+    """Window attention in most blocks (units in window order), full attention in a few."""
+
+    def __init__(self, visual: Qwen2_5_VisionTransformer) -> None:
+        super().__init__(visual)
+        self.window = visual.window_size // self.merge // visual.patch_size
+        self.full_blocks = set(visual.fullatt_block_indexes)
+
+    def _block_kind(self, index: int) -> str:
+        return "full" if index in self.full_blocks else "window"
+
+    def embed(self, pixels: torch.Tensor, plan: PruningPlan) -> tuple[torch.Tensor, Rotary, Any]:
+        visual = self.visual
+        hidden = visual.input_norm(pixels.to(device=visual.device), visual.dtype)
+        hidden = visual.patch_embed(hidden)
+        seq_len, dim = hidden.shape
+        meta = visual.prepare_encoder_metadata([list(g) for g in plan.grid_thw])
+        hidden = hidden.view(-1, self.unit_size, dim)[meta["window_index"]]
+        # Unpruned blocks use the stock metadata as is.
+        dense = {
+            kind: {
+                "cu_seqlens": meta[cu],
+                "max_seqlen": meta[f"max_seqlen_{kind}"],
+                "sequence_lengths": meta.get(f"sequence_lengths_{kind}"),
+            }
+            for kind, cu in (("full", "cu_seqlens"), ("window", "cu_window_seqlens"))
+        }
+        rotary = (meta["rotary_pos_emb_cos"], meta["rotary_pos_emb_sin"])
+        return hidden.reshape(seq_len, 1, dim), rotary, dense
+
+
+class Qwen3_VLTower(_VLLMTower):
+    """No windows (attention per temporal step; units already in original order), learned
+    absolute position embeddings, and deepstack mergers on a few intermediate blocks."""
+
+    window = None
+
+    def __init__(self, visual: Qwen3_VisionTransformer) -> None:
+        super().__init__(visual)
+        self.taps = tuple(visual.deepstack_visual_indexes)
+
+    def embed(self, pixels: torch.Tensor, plan: PruningPlan) -> tuple[torch.Tensor, Rotary, Any]:
+        visual = self.visual
+        hidden = visual.input_norm(pixels.to(device=visual.device), visual.dtype)
+        hidden = visual.patch_embed(hidden)
+        meta = visual.prepare_encoder_metadata([list(g) for g in plan.grid_thw])
+        hidden = (hidden + meta["pos_embeds"]).unsqueeze(1)
+        dense = {
+            "cu_seqlens": meta["cu_seqlens"],
+            "max_seqlen": meta["max_seqlen"],
+            "sequence_lengths": meta.get("sequence_lengths"),
+        }
+        rotary = (meta["rotary_pos_emb_cos"], meta["rotary_pos_emb_sin"])
+        return hidden, rotary, {"full": dense}
+
+    def layout(self, packed: PackedUnits) -> dict[str, dict[str, Any]]:
+        return {"full": _varlen_metadata(self.visual, packed.cu_seqlens)}
+
+    def tap(self, position: int, hidden: torch.Tensor) -> torch.Tensor:
+        return self.visual.deepstack_merger_list[position](hidden)
+
+
+def tower_adapter(visual: nn.Module) -> _VLLMTower:
+    if isinstance(visual, Qwen3_VisionTransformer):
+        return Qwen3_VLTower(visual)
+    if isinstance(visual, Qwen2_5_VisionTransformer):
+        return Qwen2_5_VLTower(visual)
+    raise TypeError(f"no STTS adapter for vision tower {type(visual).__name__}")
+
+
 def pruned_vision_forward(
-    visual: Qwen2_5_VisionTransformer,
+    visual: nn.Module,
     pixel_values: torch.Tensor,
     grid_thw: Sequence[Sequence[int]],
     keep_ratios: Sequence[float],
     *,
     config: STTSConfig,
     scorer: STTSScorer | None,
-) -> PrunedVision:
+    selection: str = "global",
+) -> PrunedTower:
     """Encode video items with STTS pruning; an item with keep ratio 1.0 is encoded exactly
     as the stock tower would (no bias, nothing dropped)."""
-    merge = visual.spatial_merge_size
-    unit_size = visual.spatial_merge_unit
-    window = visual.window_size // merge // visual.patch_size
-    grids = [_unit_grid(g, merge) for g in grid_thw]
-    biased = config.prune_at + 1  # the block that carries the key bias
-
-    hidden = visual.input_norm(pixel_values.to(device=visual.device), visual.dtype)
-    hidden = visual.patch_embed(hidden)
-    seq_len, dim = hidden.shape
-    meta = visual.prepare_encoder_metadata([list(map(int, g)) for g in grid_thw])
-    cos, sin = meta["rotary_pos_emb_cos"], meta["rotary_pos_emb_sin"]
-    window_index = meta["window_index"]
-    hidden = hidden.view(-1, unit_size, dim)[window_index].reshape(seq_len, 1, dim)
-
-    # Unpruned blocks use the stock metadata as is; the biased block needs the plain offsets
-    # (backends such as FlashInfer rewrite them), which the all-kept packing gives.
-    dense = pack_kept_units(grids, [None] * len(grids), window, unit_size)
-    dense_meta = {
-        kind: {
-            "cu_seqlens": meta[cu],
-            "max_seqlen": meta[f"max_seqlen_{kind}"],
-            "sequence_lengths": meta.get(f"sequence_lengths_{kind}"),
-        }
-        for kind, cu in (("full", "cu_seqlens"), ("window", "cu_window_seqlens"))
-    }
-
-    def run_block(
-        index: int, x: torch.Tensor, layout: dict, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        attention = layout["full" if index in visual.fullatt_block_indexes else "window"]
-        return visual.blocks[index](x, rotary_pos_emb_cos=cos, rotary_pos_emb_sin=sin, **attention)
-
-    for index in range(biased):
-        hidden = run_block(index, hidden, dense_meta, cos, sin)
-
-    # Score each item in original unit order; choose survivors; build the key bias.
-    units = hidden.view(-1, unit_size, dim)[meta["reverse_indices"]]
-    keep_masks: list[torch.Tensor | None] = []
-    biases: list[torch.Tensor] = []
-    offset = 0
-    for (t, h, w), keep in zip(grids, keep_ratios, strict=True):
-        count = t * h * w
-        if keep >= 1.0:
-            keep_masks.append(None)
-            biases.append(torch.zeros(count, device=hidden.device))
-        else:
-            item_units = units[offset : offset + count].view(t, h * w, unit_size, dim)
-            scores = score_units(item_units, config.scorer, scorer)
-            keep_masks.append(retention_mask(scores, keep).reshape(-1))
-            biases.append(key_bias(scores, config.bias_floor, config.scorer).reshape(-1))
-        offset += count
-    unit_bias = torch.cat(biases)[window_index]
-    patch_bias = unit_bias.repeat_interleave(unit_size)
-
-    biased_attention = visual.blocks[biased].attn.attn
-    assert isinstance(biased_attention, KeyBiasedAttention)
-    kind = "full" if biased in visual.fullatt_block_indexes else "window"
-    real_cu = dense.cu_seqlens if kind == "full" else dense.cu_window_seqlens
-    with biased_attention.biased(patch_bias):
-        hidden = visual.blocks[biased](
-            hidden,
-            cu_seqlens=real_cu,
-            rotary_pos_emb_cos=cos,
-            rotary_pos_emb_sin=sin,
-            max_seqlen=dense_meta[kind]["max_seqlen"],
-            sequence_lengths=None,
-        )
-
-    # Hard pruning: keep the surviving units' rows and re-cut the sequences around them.
-    packed = pack_kept_units(grids, keep_masks, window, unit_size)
-    rows = token_rows(packed.kept_rows, unit_size).to(hidden.device)
-    hidden, cos, sin = hidden[rows], cos[rows], sin[rows]
-    packed_meta = {
-        "full": _varlen_metadata(visual, packed.cu_seqlens),
-        "window": _varlen_metadata(visual, packed.cu_window_seqlens),
-    }
-    for index in range(biased + 1, len(visual.blocks)):
-        hidden = run_block(index, hidden, packed_meta, cos, sin)
-    if hidden.dtype == torch.float16:  # as stock: long sequences overflow fp16 at the end
-        hidden = cast_overflow_tensors(hidden)
-
-    merged = visual.merger(hidden)[packed.restore.to(hidden.device)]
-    return PrunedVision(embeds=list(merged.split(packed.kept_per_item)), keep_masks=keep_masks)
+    adapter = tower_adapter(visual)
+    plan = plan_pruning(adapter, grid_thw, keep_ratios, config, selection)
+    return run_pruned_tower(adapter, plan, pixel_values, scorer)

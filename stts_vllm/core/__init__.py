@@ -2,7 +2,8 @@
 
 Read in this order: `config` (the knobs), `scoring` (what a token's score is and how it is
 learned), `selection` (which units survive), `packing` (where survivors go in the ViT's
-variable-length sequences and in the LLM's M-RoPE grid), `attention` (the biased block).
+variable-length sequences and in the LLM's M-RoPE grid), `attention` (the biased block),
+`driver` (the pruned forward pass of any tower, through a small adapter).
 """
 
 from stts_vllm.core.attention import varlen_attention
@@ -10,7 +11,10 @@ from stts_vllm.core.config import STTSConfig
 from stts_vllm.core.packing import (
     PackedUnits,
     mrope_positions,
+    mrope_time_factor,
     pack_kept_units,
+    step_positions,
+    timestamped_video_positions,
     token_rows,
     window_partition,
 )
@@ -23,7 +27,7 @@ from stts_vllm.core.scoring import (
     temporal_loss,
     temporal_target,
 )
-from stts_vllm.core.selection import retained_count, retention_mask
+from stts_vllm.core.selection import retained_count, retention_mask, step_quotas
 
 __all__ = [
     "PackedUnits",
@@ -32,13 +36,17 @@ __all__ = [
     "heuristic_scores",
     "key_bias",
     "mrope_positions",
+    "mrope_time_factor",
     "pack_kept_units",
     "random_scores",
     "retained_count",
     "retention_mask",
     "score_units",
+    "step_positions",
+    "step_quotas",
     "temporal_loss",
     "temporal_target",
+    "timestamped_video_positions",
     "token_rows",
     "varlen_attention",
     "window_partition",

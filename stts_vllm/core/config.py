@@ -9,6 +9,11 @@ from typing import Any, Literal
 ScorerKind = Literal["learned", "heuristic", "random"]
 SCORER_KINDS: tuple[str, ...] = ("learned", "heuristic", "random")
 """`random` is the paper's baseline: same place, same count, no scores and no key bias."""
+Selection = Literal["global", "per_step"]
+SELECTIONS: tuple[str, ...] = ("global", "per_step")
+"""`global`: the paper's top-k over the whole video. `per_step`: a fixed quota per temporal
+step (first whole, the rest an equal share), ranked within the step: what prompts that put a
+timestamp before each step need (Qwen3-VL), since counts are fixed before the ViT runs."""
 
 
 class STTSConfigError(ValueError):
@@ -38,6 +43,7 @@ class STTSConfig:
     scorer: ScorerKind = "heuristic"
     bias_floor: float = -2.0
     scorer_hidden_size: int | None = None
+    selection: Selection | None = None  # None: the model family's default
 
     def __post_init__(self) -> None:
         check_keep_ratio(self.keep_ratio)
@@ -59,6 +65,11 @@ class STTSConfig:
                 f"{self.scorer_hidden_size!r}"
             )
 
+        if self.selection is not None and self.selection not in SELECTIONS:
+            raise STTSConfigError(
+                f"stts.selection must be one of {SELECTIONS}, got {self.selection!r}"
+            )
+
     def check_vit_depth(self, depth: int) -> None:
         """The biased block `prune_at + 1` must exist, so `prune_at <= depth - 2`."""
         if self.prune_at > depth - 2:
@@ -78,4 +89,8 @@ class STTSConfig:
         return cls(**raw)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As stored in `config.json`; an unset `selection` (the family's default) is left out."""
+        out = asdict(self)
+        if out["selection"] is None:
+            del out["selection"]
+        return out

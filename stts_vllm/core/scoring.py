@@ -89,7 +89,9 @@ def score_units(units: torch.Tensor, kind: str, scorer: nn.Module | None) -> tor
     if kind == "learned":
         if scorer is None:
             raise ValueError("the learned scorer needs its weights")
-        return scorer(units)
+        # float32 always (the scorer's weights too): in bfloat16 about a third of the scores
+        # tie, and ties change which units survive between training and serving.
+        return scorer(units.float())
     if kind == "heuristic":
         return heuristic_scores(units)
     if kind == "random":

@@ -1,9 +1,11 @@
-"""transformers' Qwen2.5-VL with STTS in its vision tower: the model training runs.
+"""transformers' Qwen2.5-VL or Qwen3-VL with STTS in its vision tower: the model training runs.
 
 Loss = LM loss on the answer tokens + `aux_weight` x the scorer's temporal loss. Several
 samples share one sequence (packed: transformers starts a new causal block wherever the text
 position row restarts), and kept video tokens sit at their original (t, h, w) M-RoPE
 positions, exactly where vLLM's STTS model puts them, so a checkpoint saved here serves as is.
+Qwen3-VL's prompt names each temporal step (`<t seconds>` + that step's kept tokens), and its
+deepstack features are added to the LLM's first layers at the video tokens, as in vLLM.
 """
 
 from __future__ import annotations
@@ -22,13 +24,19 @@ from torch import nn
 from stts_vllm.checkpoint import (
     SCORER_FILE,
     SCORER_PREFIX,
-    STTS_ARCHITECTURE,
     read_config,
     scorer_state_dict_to_file,
     set_architecture,
     write_stts_block,
 )
-from stts_vllm.core import STTSConfig, STTSScorer, mrope_positions
+from stts_vllm.core import (
+    STTSConfig,
+    STTSScorer,
+    mrope_positions,
+    mrope_time_factor,
+    timestamped_video_positions,
+)
+from stts_vllm.families import Family, family_of_config, resolve_stts
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.videoqa import VideoQA
 
@@ -68,6 +76,23 @@ class Prepared:
     grid: tuple[int, int, int]  # (T, H, W) in patches, as the processor gives it
     t_factor: float
     sample: VideoQA
+    step_texts: list[list[int]] | None = None  # Qwen3-VL: `<t seconds>` ids of every step
+
+
+@dataclass
+class Segment:
+    """One sample laid out for the LLM: embeddings, `[4, n]` (text, t, h, w) positions, the
+    rows whose logits predict the answer, which rows are video tokens, and those tokens'
+    deepstack features (`[n_video, levels, width]`, levels 0 for Qwen2.5-VL)."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor
+    answer_rows: list[int]
+    video_rows: torch.Tensor
+    deepstack: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
 
 
 @dataclass
@@ -82,36 +107,51 @@ class Outputs:
 
 
 class STTSVideoQAModel(nn.Module):
-    def __init__(self, hf: nn.Module, processor: Any, stts: STTSConfig, scorer: nn.Module | None):
+    def __init__(
+        self,
+        hf: nn.Module,
+        processor: Any,
+        stts: STTSConfig,
+        scorer: nn.Module | None,
+        family: Family,
+    ):
         super().__init__()
         self.hf = hf
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.stts = stts
         self.scorer = scorer
+        self.family = family
+        self.timestamped = family.name != "qwen2_5_vl"  # Qwen3-VL family: per-step timestamps
         self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.vision_start = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+        self.vision_end = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         self.end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         vision = hf.config.vision_config
         self.unit = vision.spatial_merge_size
-        self.seconds_per_step_factor = vision.temporal_patch_size * vision.tokens_per_second
+        self.temporal_patch_size = vision.temporal_patch_size
+        self.tokens_per_second = getattr(vision, "tokens_per_second", 1.0)
+        self.text_width = hf.config.text_config.hidden_size
         self.row_tokens = 1024
 
     # -- loading and saving --
 
     @classmethod
     def from_checkpoint(cls, path: Path, scorer: str = "learned") -> STTSVideoQAModel:
-        """Load an STTS (or stock) Qwen2.5-VL directory; a learned scorer without weights in
-        the checkpoint starts from a fresh initialisation."""
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        """Load an STTS (or stock) Qwen2.5-VL / Qwen3-VL directory; a learned scorer without
+        weights in the checkpoint starts from a fresh initialisation."""
+        import transformers
+        from transformers import AutoProcessor
 
         path = Path(path)
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="sdpa"
-        )
+        config = read_config(path)
+        family = family_of_config(config, str(path / "config.json"))
+        hf_class = getattr(transformers, family.stock_architecture)
+        hf = hf_class.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
         processor = AutoProcessor.from_pretrained(path)
-        raw = dict(read_config(path).get("stts") or {})
+        raw = dict(config.get("stts") or {})
         raw["scorer"] = scorer
-        stts = STTSConfig.from_dict(raw)
+        stts = resolve_stts(STTSConfig.from_dict(raw), family)
         module = None
         if scorer == "learned":
             width = hf.config.vision_config.hidden_size
@@ -119,7 +159,7 @@ class STTSVideoQAModel(nn.Module):
             if (path / SCORER_FILE).is_file():
                 state = load_file(str(path / SCORER_FILE))
                 module.load_state_dict({k.removeprefix(SCORER_PREFIX): v for k, v in state.items()})
-        return cls(hf, processor, stts, module)
+        return cls(hf, processor, stts, module, family)
 
     def save(self, out: Path, source: Path) -> Path:
         """Write an STTS checkpoint directory that vLLM's plugin serves as is."""
@@ -129,7 +169,7 @@ class STTSVideoQAModel(nn.Module):
         for name in _SIDE_FILES:
             if (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, out / name)
-        set_architecture(out, STTS_ARCHITECTURE)
+        set_architecture(out, self.family.stts_architecture)
         write_stts_block(out, self.stts.to_dict())
         if self.scorer is not None:
             scorer_state_dict_to_file(self.scorer.state_dict(), out / SCORER_FILE)
@@ -152,33 +192,68 @@ class STTSVideoQAModel(nn.Module):
             videos=[sample.frames], do_sample_frames=False, return_tensors="pt"
         )
         grid = tuple(int(x) for x in video["video_grid_thw"][0])
+        step_texts = None
+        if self.timestamped:  # as vLLM's processor: each step at its frames' mean time
+            times = self.processor._calculate_timestamps(
+                list(range(len(sample.frames))), sample.fps, self.temporal_patch_size
+            )
+            step_texts = [
+                self.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False) for t in times
+            ]
         return Prepared(
             prefix=ids[:at],
             suffix=ids[at + 1 :],
             answer=[*self.answer_ids(sample.answer), self.end_of_turn],
             pixel_values=video["pixel_values_videos"],
             grid=grid,  # type: ignore[arg-type]
-            t_factor=self.seconds_per_step_factor / sample.fps,
+            # as serving computes it (the processor's float32 seconds per step)
+            t_factor=mrope_time_factor(
+                self.temporal_patch_size / sample.fps, self.tokens_per_second
+            ),
             sample=sample,
+            step_texts=step_texts,
         )
 
-    def _positions(
-        self, item: Prepared, keep: torch.Tensor | None, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[3, n]` M-RoPE and `[n]` text positions of one packed sample (prompt + answer):
-        as vLLM computes them, text after the video resumes past its unpruned extent."""
+    def _video_span(self, item: Prepared, keep: torch.Tensor | None) -> list[int]:
+        """The tokens that stand for the video: one pad per kept unit (Qwen2.5-VL), or per
+        step its timestamp, vision start, its kept units' pads, vision end (Qwen3-VL)."""
         t, h, w = item.grid
-        grid = mrope_positions(t, h // self.unit, w // self.unit, item.t_factor)
-        kept = grid if keep is None else grid[:, keep.cpu()]
+        units = (h // self.unit) * (w // self.unit)
+        if not self.timestamped:
+            return [self.video_pad] * (t * units if keep is None else int(keep.sum()))
+        counts = [units] * t if keep is None else keep.view(t, units).sum(1).tolist()
+        assert item.step_texts is not None
+        span: list[int] = []
+        for text, count in zip(item.step_texts, counts, strict=True):
+            span += [*text, self.vision_start, *[self.video_pad] * int(count), self.vision_end]
+        return span
+
+    def _positions(
+        self, item: Prepared, keep: torch.Tensor | None, span: list[int], length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[3, n]` M-RoPE and `[n]` text positions of one packed sample (prompt + answer),
+        as vLLM computes them: kept units at their own positions, text after the video
+        resuming past its unpruned extent."""
+        t, h, w = item.grid
         base = len(item.prefix)
-        after = base + int(grid.max()) + 1
-        rest = length - base - kept.shape[1]
+        if self.timestamped:
+            video, after = timestamped_video_positions(
+                span,
+                h // self.unit,
+                w // self.unit,
+                base,
+                video_token=self.video_pad,
+                vision_start=self.vision_start,
+                vision_end=self.vision_end,
+                keep_mask=keep,
+            )
+        else:
+            grid = mrope_positions(t, h // self.unit, w // self.unit, item.t_factor)
+            video = (grid if keep is None else grid[:, keep.cpu()]) + base
+            after = base + int(grid.max()) + 1
+        rest = length - base - len(span)
         positions = torch.cat(
-            [
-                torch.arange(base).expand(3, -1),
-                kept + base,
-                torch.arange(rest).expand(3, -1) + after,
-            ],
+            [torch.arange(base).expand(3, -1), video, torch.arange(rest).expand(3, -1) + after],
             dim=1,
         )
         return positions, torch.arange(length)
@@ -196,24 +271,31 @@ class STTSVideoQAModel(nn.Module):
             keep_ratios,
             config=self.stts,
             scorer=self.scorer,
+            selection=self.stts.selection,
         )
         embed = self.hf.model.get_input_embeddings()
-        segments = []  # per sample: embeddings, [4, n] positions, answer rows (local)
+        segments: list[Segment] = []
         targets: list[int] = []
         for item, video, keep in zip(batch, vision.embeds, vision.keep_masks, strict=True):
+            # Main embeddings first; Qwen3-VL's deepstack levels follow on the last dim.
+            main, deepstack = video[:, : self.text_width], video[:, self.text_width :]
+            span = self._video_span(item, keep)
             # The last answer token is only a target, never an input.
-            tail = item.suffix + item.answer[:-1]
-            embeds = torch.cat(
-                [
-                    embed(torch.tensor(item.prefix, device=device)),
-                    video.to(embed.weight.dtype),
-                    embed(torch.tensor(tail, device=device)),
-                ]
+            ids = torch.tensor([*item.prefix, *span, *item.suffix, *item.answer[:-1]])
+            embeds = embed(ids.to(device))
+            is_video = ids.eq(self.video_pad)
+            embeds = embeds.masked_scatter(is_video.to(device).unsqueeze(-1), main.to(embeds.dtype))
+            mrope, text = self._positions(item, keep, span, embeds.shape[0])
+            first = len(item.prefix) + len(span) + len(item.suffix) - 1
+            segments.append(
+                Segment(
+                    embeds=embeds,
+                    positions=torch.cat([text.view(1, -1), mrope]),
+                    answer_rows=list(range(first, first + len(item.answer))),
+                    video_rows=is_video,
+                    deepstack=deepstack.reshape(main.shape[0], -1, self.text_width),
+                )
             )
-            mrope, text = self._positions(item, keep, embeds.shape[0])
-            first = len(item.prefix) + video.shape[0] + len(item.suffix) - 1
-            answer_rows = list(range(first, first + len(item.answer)))
-            segments.append((embeds, torch.cat([text.view(1, -1), mrope]), answer_rows))
             targets += item.answer
         hidden = self._packed_llm(segments, device)
         logits = self.hf.lm_head(hidden)
@@ -235,38 +317,49 @@ class STTSVideoQAModel(nn.Module):
             targets=vision.targets,
         )
 
-    def _packed_llm(self, segments: list, device: torch.device) -> torch.Tensor:
+    def _packed_llm(self, segments: list[Segment], device: torch.device) -> torch.Tensor:
         """Run the LLM on samples packed into rows of about `row_tokens` tokens (attention
         is quadratic in the row, so one huge row would waste most of it on masked pairs);
-        returns the hidden states of every sample's answer rows, in sample order."""
+        returns the hidden states of every sample's answer rows, in sample order. Deepstack
+        features (Qwen3-VL) are added at the video tokens of the first LLM layers."""
         rows: list[list[int]] = [[]]
         used = 0
-        for i, (embeds, _, _) in enumerate(segments):
-            if rows[-1] and used + embeds.shape[0] > self.row_tokens:
+        for i, segment in enumerate(segments):
+            if rows[-1] and used + len(segment) > self.row_tokens:
                 rows.append([])
                 used = 0
             rows[-1].append(i)
-            used += embeds.shape[0]
-        lengths = [sum(segments[i][0].shape[0] for i in row) for row in rows]
+            used += len(segment)
+        lengths = [sum(len(segments[i]) for i in row) for row in rows]
         width = max(lengths)
-        inputs, positions, picks = [], [], []
+        inputs, positions, video_rows, picks = [], [], [], []
         for r, (row, length) in enumerate(zip(rows, lengths, strict=True)):
-            parts = [segments[i][0] for i in row]
-            pos = [segments[i][1] for i in row]
+            parts = [segments[i].embeds for i in row]
+            pos = [segments[i].positions for i in row]
+            flags = [segments[i].video_rows for i in row]
             offset = 0
             for i in row:
-                picks += [(r, offset + a) for a in segments[i][2]]
-                offset += segments[i][0].shape[0]
+                picks += [(r, offset + a) for a in segments[i].answer_rows]
+                offset += len(segments[i])
             if length < width:  # padding: its own packed block, never attended to
                 pad = width - length
                 parts.append(parts[0].new_zeros(pad, parts[0].shape[1]))
                 pos.append(torch.arange(pad).expand(4, -1))
+                flags.append(torch.zeros(pad, dtype=torch.bool))
             inputs.append(torch.cat(parts))
             positions.append(torch.cat(pos, dim=1))
+            video_rows.append(torch.cat(flags))
+        extra: dict[str, Any] = {}
+        levels = segments[0].deepstack.shape[1]
+        if levels:  # row-major, as the visual tokens appear in the packed batch
+            features = torch.cat([segments[i].deepstack for row in rows for i in row])
+            extra["visual_pos_masks"] = torch.stack(video_rows).to(device)
+            extra["deepstack_visual_embeds"] = list(features.unbind(1))
         hidden = self.hf.model.language_model(
             inputs_embeds=torch.stack(inputs),
             position_ids=torch.stack(positions, dim=1).to(device),
             use_cache=False,
+            **extra,
         ).last_hidden_state
         index = torch.tensor(picks, device=device)
         return hidden[index[:, 0], index[:, 1]]

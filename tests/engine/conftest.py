@@ -61,6 +61,41 @@ def stock_ckpt(demo_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return stock_copy(demo_ckpt, tmp_path_factory.mktemp("ckpt") / "stock")
 
 
+# Qwen3-VL, depth 4, prune_at 1: deepstack taps before the pruning point (0) and after (3).
+QWEN3_SHAPE = {"family": "qwen3_vl", "vit_depth": 4, "prune_at": 1}
+
+
+@pytest.fixture(scope="session")
+def qwen3_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo(tmp_path_factory.mktemp("ckpt") / "qwen3", **QWEN3_SHAPE)
+
+
+@pytest.fixture(scope="session")
+def qwen3_stock_ckpt(qwen3_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return stock_copy(qwen3_ckpt, tmp_path_factory.mktemp("ckpt") / "qwen3-stock")
+
+
+@pytest.fixture(scope="session")
+def qwen3_learned_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A learned scorer, and the deepstack tap on the biased block itself (2)."""
+    return make_demo(
+        tmp_path_factory.mktemp("ckpt") / "qwen3-learned",
+        **(QWEN3_SHAPE | {"scorer": "learned", "deepstack": [2]}),
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen3_deep_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Depth 6, prune_at 2: taps before (1), on (3) and after (5) the biased block."""
+    return make_demo(
+        tmp_path_factory.mktemp("ckpt") / "qwen3-deep",
+        family="qwen3_vl",
+        vit_depth=6,
+        prune_at=2,
+        deepstack=[1, 3, 5],
+    )
+
+
 @pytest.fixture(scope="session")
 def engines() -> Iterator[EngineCache]:
     """Hands out a live `vllm.LLM` for a checkpoint + settings, closing the previous one."""

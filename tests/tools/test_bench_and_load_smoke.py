@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from stts_vllm.families import family_named
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -29,8 +31,10 @@ def _run(script: str, out: Path, *extra: str) -> dict:
 
 
 @pytest.mark.timeout(900)
-def test_engine_benchmark_smoke(tmp_path: Path) -> None:
-    report = _run("bench/engine.py", tmp_path)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_engine_benchmark_smoke(tmp_path: Path, family: str) -> None:
+    report = _run("bench/engine.py", tmp_path, "--family", family)
+    assert report["architecture"] == family_named(family).stts_architecture
     methods = {row["method"] for row in report["rows"]}
     assert methods == {"keep 1.0", "STTS 0.5", "STTS 0.3", "EVS 0.5"}
     for row in report["rows"]:

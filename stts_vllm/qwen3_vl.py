@@ -1,0 +1,305 @@
+"""STTS Qwen3-VL (dense, MoE) and Qwen3.5 for vLLM: the stock models, except that videos are
+pruned inside the ViT.
+
+Qwen3-VL's prompt names every temporal step: `<t seconds><|vision_start|>` + that step's
+video tokens + `<|vision_end|>`. Token counts must be fixed before the ViT runs, so each step
+keeps a quota (`per_step` selection: the first step whole, the rest an equal share, ranked
+within the step), and every kept token stays under its own step's timestamp. (vLLM's EVS puts
+all kept tokens under the first timestamp instead, vLLM #30847.) Inside a step the LLM
+positions are the stock ones, `(0, y, x)` after the step's vision start; kept units keep
+theirs, and text resumes where the unpruned step would have ended. Deepstack features are
+pruned with the main output by the driver (`stts_vllm.core.driver`).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+from vllm.config import VllmConfig
+from vllm.model_executor.models.qwen3_5 import (
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5ProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl import (
+    Qwen3VLDummyInputsBuilder,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLMultiModalProcessor,
+    Qwen3VLProcessingInfo,
+)
+from vllm.model_executor.models.qwen3_vl_moe import (
+    Qwen3VLMoeForConditionalGeneration,
+    Qwen3VLMoeProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
+
+from stts_vllm.core import step_positions, step_quotas, timestamped_video_positions
+from stts_vllm.families import family_named
+from stts_vllm.positions import encode_positions
+from stts_vllm.pruned_vision import pruned_vision_forward
+from stts_vllm.stts_model import KEEP_RATIO_KWARG, STTSModelMixin, STTSProcessingInfoMixin
+
+# === Processing === #
+
+
+class _StockCountsContext(InputProcessingContext):
+    """The processing context the stock Qwen3-VL processor sees: vLLM's pruning mode off.
+
+    With the mode on (the plugin turns it on, so the runner re-places kept tokens), the
+    stock processor lumps every token under the first timestamp. STTS knows each step's
+    count, so the stock code sizes every step fully and `STTSQwen3VLMultiModalProcessor`
+    shrinks each step to its quota."""
+
+    @cached_property
+    def _mm_config_without_pruning(self) -> Any:
+        unpruned = copy.copy(self.model_config.multimodal_config)
+        object.__setattr__(unpruned, "video_pruning_rate", None)  # no re-validation
+        return unpruned
+
+    def get_mm_config(self) -> Any:
+        return self._mm_config_without_pruning
+
+
+class _STTSQwen3ProcessingInfoMixin(STTSProcessingInfoMixin):
+    def __init__(self, ctx: InputProcessingContext) -> None:
+        super().__init__(
+            _StockCountsContext(model_config=ctx.model_config, tokenizer=ctx.tokenizer)
+        )
+
+    def video_step_quotas(self, grid_thw: Sequence[int], keep_ratio: float) -> list[int]:
+        merge = self.get_hf_config().vision_config.spatial_merge_size  # type: ignore[attr-defined]
+        t, h, w = (int(x) for x in grid_thw)
+        return step_quotas(t, (h // merge) * (w // merge), keep_ratio)
+
+
+class STTSQwen3VLProcessingInfo(_STTSQwen3ProcessingInfoMixin, Qwen3VLProcessingInfo):
+    stts_family = family_named("qwen3_vl")
+
+
+class STTSQwen3VLMoeProcessingInfo(_STTSQwen3ProcessingInfoMixin, Qwen3VLMoeProcessingInfo):
+    stts_family = family_named("qwen3_vl_moe")
+
+
+class STTSQwen3_5ProcessingInfo(_STTSQwen3ProcessingInfoMixin, Qwen3_5ProcessingInfo):
+    stts_family = family_named("qwen3_5")
+
+
+def _shrink_video_runs(ids: list[int], video_token: int, quotas: list[int]) -> list[int]:
+    """Cut the i-th run of video tokens in `ids` to `quotas[i]` tokens (one run per step)."""
+    out: list[int] = []
+    run = 0
+    i = 0
+    while i < len(ids):
+        if ids[i] != video_token:
+            out.append(ids[i])
+            i += 1
+            continue
+        end = i
+        while end < len(ids) and ids[end] == video_token:
+            end += 1
+        if run >= len(quotas) or quotas[run] > end - i:
+            raise ValueError("video placeholder runs do not match the videos' temporal steps")
+        out.extend([video_token] * quotas[run])
+        run += 1
+        i = end
+    if run != len(quotas):
+        raise ValueError("video placeholder runs do not match the videos' temporal steps")
+    return out
+
+
+class STTSQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
+    info: _STTSQwen3ProcessingInfoMixin  # type: ignore[assignment]
+
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        self.info.check_placeholder_tokens(inputs)
+        return super().apply(inputs, timing_ctx)
+
+    def _apply_hf_processor_main(
+        self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
+    ) -> BatchFeature:
+        # The request's value, else the server's --mm-processor-kwargs, else the checkpoint's.
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+        keep_ratio = self.info.resolve_keep_ratio(merged.get(KEEP_RATIO_KWARG))
+        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KEEP_RATIO_KWARG}
+        outputs = super()._apply_hf_processor_main(mm_items, hf_kwargs)
+        if "video_grid_thw" not in outputs:
+            return outputs
+        grids = outputs["video_grid_thw"].tolist()
+        outputs[KEEP_RATIO_KWARG] = torch.full((len(grids),), keep_ratio)
+        if "input_ids" in outputs:  # the stock processor expanded the prompt: fit the quotas
+            quotas = [q for g in grids for q in self.info.video_step_quotas(g, keep_ratio)]
+            video_token = self.info.get_hf_config().video_token_id
+            ids = outputs["input_ids"]
+            rows = ids.tolist() if isinstance(ids, torch.Tensor) else ids
+            shrunk = [_shrink_video_runs(list(row), video_token, quotas) for row in rows]
+            outputs["input_ids"] = torch.tensor(shrunk) if isinstance(ids, torch.Tensor) else shrunk
+        return outputs
+
+    def _get_mm_fields_config(
+        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return dict(
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
+            **{KEEP_RATIO_KWARG: MultiModalFieldConfig.batched("video", keep_on_cpu=True)},
+        )
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, Any],
+        out_mm_kwargs: Any,
+    ) -> Sequence[PromptUpdate]:
+        """The stock updates, with each step's video tokens cut to its quota; only video
+        tokens take embeddings (timestamps and delimiters stay text)."""
+        config = self.info.get_hf_config()
+        tokenizer = self.info.get_tokenizer()
+
+        def video_replacement(item_idx: int) -> Any:
+            item = out_mm_kwargs["video"][item_idx]
+            keep = item.get(KEEP_RATIO_KWARG)
+            # Precomputed video embeddings bypass the HF processor: nothing to prune there.
+            keep_ratio = 1.0 if keep is None else float(keep.data)
+            return Qwen3VLMultiModalProcessor.get_video_repl(
+                tokens_per_frame=self.info.video_step_quotas(
+                    item["video_grid_thw"].data, keep_ratio
+                ),
+                timestamps=item["timestamps"].data,
+                tokenizer=tokenizer,
+                vision_start_token_id=config.vision_start_token_id,
+                vision_end_token_id=config.vision_end_token_id,
+                video_token_id=config.video_token_id,
+                select_token_id=True,
+            )
+
+        updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))
+        return [
+            PromptReplacement(modality="video", target=u.target, replacement=video_replacement)
+            if u.modality == "video"
+            else u
+            for u in updates
+        ]
+
+
+# === Model === #
+
+
+class _STTSQwen3VLMixin(STTSModelMixin):
+    """The STTS parts of the Qwen3-VL model classes: positions of kept units per step."""
+
+    config: Any
+
+    @staticmethod
+    def _pruned_vision_forward(*args: Any, **kwargs: Any) -> Any:
+        return pruned_vision_forward(*args, **kwargs)  # looked up here, so tests can spy on it
+
+    def _unit_grid(self, grid_thw: Sequence[int]) -> tuple[int, int, int]:
+        merge = self.config.vision_config.spatial_merge_size
+        t, h, w = (int(x) for x in grid_thw)
+        return t, h // merge, w // merge
+
+    def _postprocess_image_embeds_evs(
+        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        out = []
+        for emb, grid in zip(
+            image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True
+        ):
+            _, h, w = self._unit_grid(grid)
+            out.append(torch.cat([emb, encode_positions(step_positions(h, w), emb)], dim=1))
+        return tuple(out)
+
+    def _postprocess_video_embeds_evs(
+        self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        grids = video_input["video_grid_thw"].tolist()
+        masks = getattr(video_input, "stts_keep_masks", None) or [None] * len(grids)
+        out = []
+        for emb, grid, mask in zip(video_embeds_split, grids, masks, strict=True):
+            t, h, w = self._unit_grid(grid)
+            positions = step_positions(h, w).repeat(1, t)
+            encoded = encode_positions(positions, emb)
+            if mask is not None:
+                encoded = encoded[mask.to(encoded.device)]
+            out.append(torch.cat([emb, encoded], dim=1))
+        return tuple(out)
+
+    def get_mrope_input_positions(
+        self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]
+    ) -> tuple[torch.Tensor, int]:
+        """The stock positions for any per-step token counts: text advances one by one; a
+        step's (or an image's) tokens sit at `(0, y, x)` after its start; text after a step
+        resumes where the unpruned step ends (`start + max(H, W)`), however many tokens it
+        kept. Pruned steps' columns are placeholders that `recompute_mrope_positions`
+        overwrites once the encoder has chosen the kept units."""
+        cfg = self.config
+        columns: list[torch.Tensor] = []
+        consumed = next_position = 0
+        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
+            offset, length = feature.mm_position.offset, feature.mm_position.length
+            text_len = offset - consumed
+            columns.append(torch.arange(text_len).expand(3, -1) + next_position)
+            next_position += text_len
+            grid_key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
+            _, h, w = self._unit_grid(feature.data[grid_key].data.tolist())
+            if feature.modality == "image":
+                columns.append(step_positions(h, w)[:, :length] + next_position)
+                next_position += max(h, w)
+            else:
+                item, next_position = timestamped_video_positions(
+                    input_tokens[offset : offset + length],
+                    h,
+                    w,
+                    next_position,
+                    video_token=cfg.video_token_id,
+                    vision_start=cfg.vision_start_token_id,
+                    vision_end=cfg.vision_end_token_id,
+                )
+                columns.append(item)
+            consumed = offset + length
+        tail = len(input_tokens) - consumed
+        columns.append(torch.arange(tail).expand(3, -1) + next_position)
+        positions = torch.cat(columns, dim=1)
+        delta = int(positions.max()) + 1 - len(input_tokens) if positions.numel() else 0
+        return positions, delta
+
+
+def _register(info: type) -> Any:
+    return MULTIMODAL_REGISTRY.register_processor(
+        STTSQwen3VLMultiModalProcessor, info=info, dummy_inputs=Qwen3VLDummyInputsBuilder
+    )
+
+
+@_register(STTSQwen3VLProcessingInfo)
+class STTSQwen3VLForConditionalGeneration(_STTSQwen3VLMixin, Qwen3VLForConditionalGeneration):
+    """Qwen3-VL whose vision tower drops low-scoring video units after block `prune_at`."""
+
+    stts_family = family_named("qwen3_vl")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_stts(vllm_config)
+
+
+@_register(STTSQwen3VLMoeProcessingInfo)
+class STTSQwen3VLMoeForConditionalGeneration(_STTSQwen3VLMixin, Qwen3VLMoeForConditionalGeneration):
+    stts_family = family_named("qwen3_vl_moe")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_stts(vllm_config)
+
+
+@_register(STTSQwen3_5ProcessingInfo)
+class STTSQwen3_5ForConditionalGeneration(_STTSQwen3VLMixin, Qwen3_5ForConditionalGeneration):
+    stts_family = family_named("qwen3_5")
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "model") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self._init_stts(vllm_config)

@@ -1,0 +1,210 @@
+"""What every STTS model class adds to its stock vLLM class, whatever the family.
+
+A family module (`qwen2_5_vl.py`, `qwen3_vl.py`) reads as "the stock model, except ...": its
+processor sizes video placeholders with the shared count functions and its position code
+places kept units; the per-request keep ratio, the pruned tower call, the carried keep masks,
+the placement of kept tokens after the encoder runs and the scorer weights live here once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Any
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLVideoPixelInputs
+from vllm.utils.tensor_schema import TensorShape
+
+from stts_vllm.core import STTSConfig, STTSScorer
+from stts_vllm.core.config import STTSConfigError, check_keep_ratio
+from stts_vllm.families import Family, resolve_stts
+from stts_vllm.positions import POSITION_COLUMNS, decode_positions, place_media_positions
+from stts_vllm.pruned_vision import install_key_bias, pruned_vision_forward
+
+KEEP_RATIO_KWARG = "stts_keep_ratio"
+"""Per-request keep ratio: `mm_processor_kwargs={"stts_keep_ratio": r}`."""
+
+
+def stts_config_of(hf_config: Any, family: Family) -> STTSConfig:
+    """The checkpoint's validated `stts` block, with the family's selection filled in (errors
+    name the field)."""
+    raw = getattr(hf_config, "stts", None)
+    if raw is None:
+        raise STTSConfigError(
+            f"config.json of an {family.stts_architecture} checkpoint needs an `stts` block "
+            "(make one with `stts-vllm convert`)"
+        )
+    config = STTSConfig.from_dict(dict(raw))
+    config.check_vit_depth(hf_config.vision_config.depth)
+    return resolve_stts(config, family)
+
+
+class STTSVideoPixelInputs(Qwen2_5_VLVideoPixelInputs):
+    """The stock video pixels plus each item's keep ratio.
+
+    Dimensions:
+        - nv: Number of videos
+    """
+
+    stts_keep_ratio: Annotated[torch.Tensor, TensorShape("nv")]
+
+
+class STTSProcessingInfoMixin:
+    """For a family's `ProcessingInfo`: the checkpoint's config and the request's ratio."""
+
+    stts_family: Family
+
+    def get_stts_config(self) -> STTSConfig:
+        return stts_config_of(self.get_hf_config(), self.stts_family)  # type: ignore[attr-defined]
+
+    def get_hf_processor(self, **kwargs: object):
+        kwargs.pop(KEEP_RATIO_KWARG, None)  # ours, not the HF processor's
+        return super().get_hf_processor(**kwargs)  # type: ignore[misc]
+
+    def resolve_keep_ratio(self, requested: object) -> float:
+        if requested is None:
+            return self.get_stts_config().keep_ratio
+        return check_keep_ratio(requested, KEEP_RATIO_KWARG)
+
+    def check_placeholder_tokens(self, inputs: Any) -> None:
+        """One placeholder run per media item, no placeholder token elsewhere: kept tokens
+        are placed by finding their placeholder runs in the prompt, so a stray pad token (a
+        literal `<|image_pad|>` typed in text) would misplace them. Checked before any cache
+        is touched, so refusing the request leaves the processor caches consistent."""
+        config = self.get_hf_config()  # type: ignore[attr-defined]
+        counts = inputs.mm_data_items.get_all_counts()
+        for modality, token in (("image", config.image_token_id), ("video", config.video_token_id)):
+            found = sum(1 for t in inputs.prompt if t == token)
+            if found != counts.get(modality, 0):
+                raise ValueError(
+                    f"prompt has {found} {modality} placeholder token(s) for "
+                    f"{counts.get(modality, 0)} {modality} item(s): one each, none in the text"
+                )
+
+
+class STTSModelMixin:
+    """For a family's model class (first in its bases, before the stock class).
+
+    The model always runs in vLLM's multimodal pruning mode (the plugin's config hook turns it
+    on), so each media item's embeddings carry their M-RoPE positions as extra columns and the
+    runner calls `recompute_mrope_positions` once the encoder has chosen the kept units.
+    """
+
+    stts_family: Family
+    config: Any
+    visual: Any
+
+    def _init_stts(self, vllm_config: VllmConfig) -> None:
+        self.stts_config = stts_config_of(self.config, self.stts_family)
+        self.stts_scorer: STTSScorer | None = None
+        if self.visual is not None:
+            install_key_bias(self.visual, self.stts_config.prune_at + 1)
+        if self.stts_config.scorer == "learned":
+            with self._mark_tower_model(vllm_config, "video"):  # type: ignore[attr-defined]
+                # float32 whatever the model dtype: see `score_units`.
+                self.stts_scorer = STTSScorer(
+                    self.config.vision_config.hidden_size, self.stts_config.scorer_hidden_size
+                ).float()
+
+    # -- video encoding --
+
+    def _parse_and_validate_video_input(self, **kwargs: object) -> Any:
+        video_input = super()._parse_and_validate_video_input(**kwargs)  # type: ignore[misc]
+        if video_input is None or video_input["type"] != "pixel_values_videos":
+            return video_input
+        keep_ratio = kwargs.get(KEEP_RATIO_KWARG)
+        if keep_ratio is None:
+            num_videos = len(video_input["video_grid_thw"])
+            keep_ratio = torch.full((num_videos,), self.stts_config.keep_ratio)
+        return STTSVideoPixelInputs(
+            type="pixel_values_videos",
+            pixel_values_videos=video_input["pixel_values_videos"],
+            video_grid_thw=video_input["video_grid_thw"],
+            second_per_grid_ts=video_input.get("second_per_grid_ts"),
+            timestamps=video_input.get("timestamps"),
+            stts_keep_ratio=keep_ratio,
+        )
+
+    def _process_video_input(self, video_input: Any) -> tuple[torch.Tensor, ...]:
+        if not isinstance(video_input, STTSVideoPixelInputs):
+            return super()._process_video_input(video_input)  # type: ignore[misc]
+        keep_ratios = [float(k) for k in video_input["stts_keep_ratio"].reshape(-1)]
+        if all(k >= 1.0 for k in keep_ratios):
+            return super()._process_video_input(video_input)  # type: ignore[misc]
+        # One video at a time: the early blocks see every patch, and the scheduler's encoder
+        # budget counts pruned tokens, so batching all scheduled videos could exceed the
+        # memory profiled for one unpruned video.
+        grids = video_input["video_grid_thw"].tolist()
+        pixels = video_input["pixel_values_videos"].split([t * h * w for t, h, w in grids])
+        embeds, masks = [], []
+        for item_pixels, grid, keep in zip(pixels, grids, keep_ratios, strict=True):
+            pruned = self._pruned_vision_forward(
+                self.visual,
+                item_pixels,
+                [grid],
+                [keep],
+                config=self.stts_config,
+                scorer=self.stts_scorer,
+                selection=self.stts_config.selection,
+            )
+            embeds.extend(pruned.embeds)
+            masks.extend(pruned.keep_masks)
+        # Carried with this call's data (not on self) to the position step.
+        video_input.stts_keep_masks = masks  # type: ignore[attr-defined]
+        return tuple(embeds)
+
+    @staticmethod
+    def _pruned_vision_forward(*args: Any, **kwargs: Any) -> Any:
+        """The family module's `pruned_vision_forward` (tests spy on it there)."""
+        return pruned_vision_forward(*args, **kwargs)
+
+    # -- positions --
+
+    def recompute_mrope_positions(
+        self,
+        input_ids: list[int] | torch.Tensor,
+        multimodal_embeddings: Sequence[torch.Tensor],
+        mrope_positions: torch.LongTensor,
+        num_computed_tokens: int,
+    ) -> tuple[Sequence[torch.Tensor], torch.Tensor, int]:
+        """Strip the position columns and place kept tokens at their own positions.
+
+        Replaces vLLM's `recompute_mrope_positions`, which fails when a prefill chunk ends
+        between a vision-start token and its first media token."""
+        embeds = [mm[:, :-POSITION_COLUMNS] for mm in multimodal_embeddings]
+        if not multimodal_embeddings:  # nothing placed this step: positions are exact already
+            ids_len = len(input_ids)
+            delta = int(mrope_positions.max()) + 1 - ids_len if mrope_positions.numel() else 0
+            return embeds, mrope_positions, delta
+        ids = torch.as_tensor(input_ids).cpu()
+        media = ids.eq(self.config.image_token_id) | ids.eq(self.config.video_token_id)
+        carried = [decode_positions(mm[:, -POSITION_COLUMNS:]) for mm in multimodal_embeddings]
+        try:
+            positions = place_media_positions(media, carried, mrope_positions, num_computed_tokens)
+        except ValueError:  # never take the engine down over one request's positions
+            from vllm.logger import init_logger
+
+            init_logger(__name__).exception(
+                "could not place pruned media positions; keeping previous ones"
+            )
+            positions = mrope_positions
+        delta = int(positions.max()) + 1 - len(ids) if positions.numel() else 0
+        return embeds, positions, delta
+
+    # -- weights --
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.stts_scorer is None:  # heuristic scorer: scorer weights, if any, are unused
+            weights = ((n, w) for n, w in weights if not n.startswith("stts_scorer."))
+        loaded = super().load_weights(weights)  # type: ignore[misc]
+        if isinstance(self.stts_scorer, STTSScorer):
+            expected = {f"stts_scorer.{n}" for n, _ in self.stts_scorer.named_parameters()}
+            missing = sorted(expected - loaded)
+            if missing:
+                raise STTSConfigError(
+                    f"stts.scorer is 'learned' but the checkpoint has no scorer weights "
+                    f"({len(missing)} missing, e.g. {missing[0]}): add stts_scorer.safetensors "
+                    "or set stts.scorer to 'heuristic'"
+                )
+        return loaded

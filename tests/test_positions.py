@@ -80,3 +80,42 @@ def test_slice_longer_than_its_placeholder_is_refused() -> None:
     media, initial, _items = _prompt()
     with pytest.raises(ValueError, match="overruns"):
         place_media_positions(media, [torch.zeros(4, 9, dtype=torch.long)], initial, 0)
+
+
+def test_timestamped_steps_place_in_chunks_like_the_whole_prompt() -> None:
+    """Qwen3-VL: one item is several runs (one per temporal step, each after its own
+    timestamp and vision start); the runner's slices cover media tokens in prompt order and
+    may cut a run anywhere. Every chunking gives the whole prompt's placement, and each kept
+    unit lands at (0, y, x) after its own step's vision start."""
+    from stts_vllm.core import timestamped_video_positions
+
+    vs, ve, pad, ts = 1003, 1004, 1007, 27
+    keep = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)  # 2x2 units
+    span = [ts, vs, pad, pad, pad, pad, ve, ts, vs, pad, pad, ve, ts, vs, pad, ve]
+    ids = torch.tensor([5, 6, vs, *span, ve, 9])  # the outer vision start / end are text
+
+    def prompt_positions(keep_mask: torch.Tensor | None) -> torch.Tensor:
+        video, after = timestamped_video_positions(
+            span, 2, 2, 3, video_token=pad, vision_start=vs, vision_end=ve, keep_mask=keep_mask
+        )
+        return torch.cat(
+            [torch.arange(3).expand(3, -1), video, torch.arange(2).expand(3, -1) + after], 1
+        )
+
+    initial, exact = prompt_positions(None), prompt_positions(keep)
+    # carried columns are relative to each step's start: (0, y, x) of the kept units
+    units = keep.reshape(-1).nonzero().flatten() % 4
+    carried = torch.stack([torch.zeros_like(units), units // 2, units % 2, units * 0])
+    media = ids == pad
+    whole = place_media_positions(media, [carried], initial, 0)
+    assert torch.equal(whole, exact)
+    for boundaries in ([0, 9, 30], [0, 5, 12, 17, 30], [0, 14, 15, 30]):
+        positions = initial
+        done = 0
+        for lo, hi in itertools.pairwise(boundaries):
+            count = int(media[lo:hi].sum())
+            positions = place_media_positions(
+                media, [carried[:, done : done + count]] if count else [], positions, lo
+            )
+            done += count
+        assert torch.equal(positions, exact), boundaries

@@ -28,7 +28,7 @@ from stts_vllm.core.config import STTSConfig
 from stts_vllm.families import Family, family_named, family_of_config, resolve_stts
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase, Qwen2_5_VLConfig
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "CHAT_TEMPLATE",
@@ -469,16 +469,21 @@ def demo_config(
     fullatt_blocks: list[int] | None = None,
     vision_overrides: Mapping[str, Any] | None = None,
     text_overrides: Mapping[str, Any] | None = None,
-) -> Qwen2_5_VLConfig:
-    """The tiny Qwen2.5-VL config (transformers v5 layout: nested `text_config` /
-    `vision_config`, `rope_parameters` with `mrope_section`), token ids from `tokenizer`."""
-    from transformers import Qwen2_5_VLConfig
+    *,
+    family: str = "qwen2_5_vl",
+    deepstack: list[int] | None = None,
+) -> Any:
+    """The tiny config of a family (transformers v5 layout: nested `text_config` /
+    `vision_config`, `rope_parameters` with `mrope_section`), token ids from `tokenizer`.
+    Qwen2.5-VL takes `fullatt_blocks` (its full-attention blocks), Qwen3-VL `deepstack`."""
+    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    qwen3 = family == "qwen3_vl"
     # deep copies: the config classes edit rope_parameters in place
     text = (
-        copy.deepcopy(TEXT_CONFIG)
+        copy.deepcopy(QWEN3_TEXT_CONFIG if qwen3 else TEXT_CONFIG)
         | copy.deepcopy(dict(text_overrides or {}))
         | {
             "vocab_size": vocab_size,
@@ -487,62 +492,20 @@ def demo_config(
             "pad_token_id": ids["<|endoftext|>"],
         }
     )
+    if qwen3:
+        deepstack = QWEN3_DEEPSTACK if deepstack is None else deepstack
+        if not all(0 <= d < vit_depth for d in deepstack):
+            raise ValueError(f"deepstack indexes must be block indexes below {vit_depth}")
+        layout: dict[str, Any] = {"deepstack_visual_indexes": list(deepstack)}
+    else:
+        layout = {"fullatt_block_indexes": fullatt_blocks or [vit_depth - 1]}
     vision = (
-        copy.deepcopy(VISION_CONFIG)
+        copy.deepcopy(QWEN3_VISION_CONFIG if qwen3 else VISION_CONFIG)
         | dict(vision_overrides or {})
-        | {
-            "depth": vit_depth,
-            "out_hidden_size": text["hidden_size"],
-            "fullatt_block_indexes": fullatt_blocks or [vit_depth - 1],
-        }
+        | {"depth": vit_depth, "out_hidden_size": text["hidden_size"]}
+        | layout
     )
-    return Qwen2_5_VLConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-        dtype="float32",
-    )
-
-
-def demo_config_qwen3_vl(
-    tokenizer: PreTrainedTokenizerBase,
-    vit_depth: int = 4,
-    deepstack: list[int] | None = None,
-    vision_overrides: Mapping[str, Any] | None = None,
-    text_overrides: Mapping[str, Any] | None = None,
-) -> Any:
-    """The tiny Qwen3-VL config, token ids from `tokenizer` (the Qwen special tokens)."""
-    from transformers import Qwen3VLConfig
-
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    text = (
-        copy.deepcopy(QWEN3_TEXT_CONFIG)
-        | copy.deepcopy(dict(text_overrides or {}))
-        | {
-            "vocab_size": vocab_size,
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-            "pad_token_id": ids["<|endoftext|>"],
-        }
-    )
-    deepstack = QWEN3_DEEPSTACK if deepstack is None else deepstack
-    if not all(0 <= d < vit_depth for d in deepstack):
-        raise ValueError(f"deepstack indexes must be block indexes below {vit_depth}")
-    vision = (
-        copy.deepcopy(QWEN3_VISION_CONFIG)
-        | dict(vision_overrides or {})
-        | {
-            "depth": vit_depth,
-            "out_hidden_size": text["hidden_size"],
-            "deepstack_visual_indexes": list(deepstack),
-        }
-    )
-    return Qwen3VLConfig(
+    return (Qwen3VLConfig if qwen3 else Qwen2_5_VLConfig)(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
@@ -589,6 +552,12 @@ def _save_processor_qwen3_vl(tokenizer: PreTrainedTokenizerBase, out: Path) -> N
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
+    _save_with_chat_template(processor, out)
+
+
+def _save_with_chat_template(processor: Any, out: Path) -> None:
+    """The template lands in `chat_template.jinja` (v5's place, read by the processor and by
+    vLLM) and also in `tokenizer_config.json` for tools that read only that file."""
     processor.save_pretrained(out)
     tokenizer_config_path = out / "tokenizer_config.json"
     tokenizer_config = json.loads(tokenizer_config_path.read_text())
@@ -613,11 +582,7 @@ def _save_processor(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(out)
-    tokenizer_config_path = out / "tokenizer_config.json"
-    tokenizer_config = json.loads(tokenizer_config_path.read_text())
-    tokenizer_config["chat_template"] = CHAT_TEMPLATE
-    _write_json(tokenizer_config_path, tokenizer_config)
+    _save_with_chat_template(processor, out)
 
 
 def _save_generation_config(tokenizer: PreTrainedTokenizerBase, out: Path) -> None:
@@ -698,12 +663,15 @@ def make_demo(
     tokenizer = build_tokenizer()
     if fullatt_blocks is not None and not all(0 <= b < vit_depth for b in fullatt_blocks):
         raise ValueError(f"fullatt_blocks must be block indexes below {vit_depth}")
-    if family == "qwen3_vl":
-        config = demo_config_qwen3_vl(
-            tokenizer, vit_depth, deepstack, vision_overrides, text_overrides
-        )
-    else:
-        config = demo_config(tokenizer, vit_depth, fullatt_blocks, vision_overrides, text_overrides)
+    config = demo_config(
+        tokenizer,
+        vit_depth,
+        fullatt_blocks,
+        vision_overrides,
+        text_overrides,
+        family=family,
+        deepstack=deepstack,
+    )
     config.architectures = [stts_family.stock_architecture]
     _save_random_weights(config, out, seed)
     (_save_processor_qwen3_vl if family == "qwen3_vl" else _save_processor)(tokenizer, out)

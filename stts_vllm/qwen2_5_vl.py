@@ -22,7 +22,6 @@ from vllm.model_executor.models.qwen2_5_vl import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.inputs import (
     MultiModalFeatureSpec,
-    MultiModalFieldConfig,
     MultiModalKwargsItems,
 )
 from vllm.multimodal.parse import MultiModalDataItems
@@ -32,11 +31,7 @@ from stts_vllm.core import STTSConfig, mrope_positions, mrope_time_factor, retai
 from stts_vllm.families import family_named
 from stts_vllm.positions import POSITION_LIMIT, encode_positions
 from stts_vllm.pruned_vision import pruned_vision_forward
-from stts_vllm.stts_model import (
-    KEEP_RATIO_KWARG,
-    STTSModelMixin,
-    STTSProcessingInfoMixin,
-)
+from stts_vllm.stts_model import STTSModelMixin, STTSProcessingInfoMixin, STTSProcessorMixin
 from stts_vllm.stts_model import stts_config_of as _stts_config_of
 
 FAMILY = family_named("qwen2_5_vl")
@@ -54,25 +49,17 @@ class STTSQwen2_5_VLProcessingInfo(STTSProcessingInfoMixin, Qwen2_5_VLProcessing
     stts_family = FAMILY
 
 
-class STTSQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
+class STTSQwen2_5_VLMultiModalProcessor(STTSProcessorMixin, Qwen2_5_VLMultiModalProcessor):
     info: STTSQwen2_5_VLProcessingInfo
-
-    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
-        self.info.check_placeholder_tokens(inputs)
-        return super().apply(inputs, timing_ctx)
 
     def _call_hf_processor(
         self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
-        # The request's value, else the server's --mm-processor-kwargs, else the checkpoint's.
-        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
-        keep_ratio = self.info.resolve_keep_ratio(merged.get(KEEP_RATIO_KWARG))
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KEEP_RATIO_KWARG}
+        keep_ratio, hf_kwargs = self.split_keep_ratio(hf_kwargs)
         outputs = super()._call_hf_processor(hf_data, hf_kwargs)
         if "video_grid_thw" in outputs:
             self._check_position_range(outputs)
-            num_videos = len(outputs["video_grid_thw"])
-            outputs[KEEP_RATIO_KWARG] = torch.full((num_videos,), keep_ratio)
+            self.attach_keep_ratio(outputs, keep_ratio)
         return outputs
 
     def _check_position_range(self, outputs: BatchFeature) -> None:
@@ -91,14 +78,6 @@ class STTSQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
                     "check its fps metadata"
                 )
 
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            **{KEEP_RATIO_KWARG: MultiModalFieldConfig.batched("video", keep_on_cpu=True)},
-        )
-
     def _get_prompt_updates(
         self,
         mm_items: MultiModalDataItems,
@@ -111,9 +90,7 @@ class STTSQwen2_5_VLMultiModalProcessor(Qwen2_5_VLMultiModalProcessor):
         def video_tokens(item_idx: int, token: int) -> list[int]:
             item = out_mm_kwargs["video"][item_idx]
             t, h, w = (int(x) for x in item["video_grid_thw"].data)
-            # Precomputed video embeddings bypass the HF processor: nothing to prune there.
-            keep = item.get(KEEP_RATIO_KWARG)
-            keep_ratio = 1.0 if keep is None else float(keep.data)
+            keep_ratio = self.item_keep_ratio(item)
             return [token] * retained_count(t, (h // merge) * (w // merge), keep_ratio)
 
         updates = list(super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs))

@@ -36,7 +36,7 @@ from vllm.model_executor.models.qwen3_vl_moe import (
     Qwen3VLMoeProcessingInfo,
 )
 from vllm.multimodal import MULTIMODAL_REGISTRY
-from vllm.multimodal.inputs import MultiModalFeatureSpec, MultiModalFieldConfig
+from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
@@ -44,7 +44,7 @@ from stts_vllm.core import step_positions, step_quotas, timestamped_video_positi
 from stts_vllm.families import family_named
 from stts_vllm.positions import encode_positions
 from stts_vllm.pruned_vision import pruned_vision_forward
-from stts_vllm.stts_model import KEEP_RATIO_KWARG, STTSModelMixin, STTSProcessingInfoMixin
+from stts_vllm.stts_model import STTSModelMixin, STTSProcessingInfoMixin, STTSProcessorMixin
 
 # === Processing === #
 
@@ -114,26 +114,19 @@ def _shrink_video_runs(ids: list[int], video_token: int, quotas: list[int]) -> l
     return out
 
 
-class STTSQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
+class STTSQwen3VLMultiModalProcessor(STTSProcessorMixin, Qwen3VLMultiModalProcessor):
     info: _STTSQwen3ProcessingInfoMixin  # type: ignore[assignment]
-
-    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
-        self.info.check_placeholder_tokens(inputs)
-        return super().apply(inputs, timing_ctx)
 
     def _apply_hf_processor_main(
         self, mm_items: MultiModalDataItems, hf_kwargs: Mapping[str, object]
     ) -> BatchFeature:
-        # The request's value, else the server's --mm-processor-kwargs, else the checkpoint's.
-        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
-        keep_ratio = self.info.resolve_keep_ratio(merged.get(KEEP_RATIO_KWARG))
-        hf_kwargs = {k: v for k, v in hf_kwargs.items() if k != KEEP_RATIO_KWARG}
+        keep_ratio, hf_kwargs = self.split_keep_ratio(hf_kwargs)
         outputs = super()._apply_hf_processor_main(mm_items, hf_kwargs)
         if "video_grid_thw" not in outputs:
             return outputs
-        grids = outputs["video_grid_thw"].tolist()
-        outputs[KEEP_RATIO_KWARG] = torch.full((len(grids),), keep_ratio)
+        self.attach_keep_ratio(outputs, keep_ratio)
         if "input_ids" in outputs:  # the stock processor expanded the prompt: fit the quotas
+            grids = outputs["video_grid_thw"].tolist()
             quotas = [q for g in grids for q in self.info.video_step_quotas(g, keep_ratio)]
             video_token = self.info.get_hf_config().video_token_id
             ids = outputs["input_ids"]
@@ -141,14 +134,6 @@ class STTSQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
             shrunk = [_shrink_video_runs(list(row), video_token, quotas) for row in rows]
             outputs["input_ids"] = torch.tensor(shrunk) if isinstance(ids, torch.Tensor) else shrunk
         return outputs
-
-    def _get_mm_fields_config(
-        self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(
-            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),
-            **{KEEP_RATIO_KWARG: MultiModalFieldConfig.batched("video", keep_on_cpu=True)},
-        )
 
     def _get_prompt_updates(
         self,
@@ -163,9 +148,7 @@ class STTSQwen3VLMultiModalProcessor(Qwen3VLMultiModalProcessor):
 
         def video_replacement(item_idx: int) -> Any:
             item = out_mm_kwargs["video"][item_idx]
-            keep = item.get(KEEP_RATIO_KWARG)
-            # Precomputed video embeddings bypass the HF processor: nothing to prune there.
-            keep_ratio = 1.0 if keep is None else float(keep.data)
+            keep_ratio = self.item_keep_ratio(item)
             return Qwen3VLMultiModalProcessor.get_video_repl(
                 tokens_per_frame=self.info.video_step_quotas(
                     item["video_grid_thw"].data, keep_ratio

@@ -8,12 +8,13 @@ the placement of kept tokens after the encoder runs and the scorer weights live 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any
 
 import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLVideoPixelInputs
+from vllm.multimodal.inputs import MultiModalFieldConfig
 from vllm.utils.tensor_schema import TensorShape
 
 from stts_vllm.core import STTSConfig, STTSScorer
@@ -81,6 +82,44 @@ class STTSProcessingInfoMixin:
                     f"prompt has {found} {modality} placeholder token(s) for "
                     f"{counts.get(modality, 0)} {modality} item(s): one each, none in the text"
                 )
+
+
+class STTSProcessorMixin:
+    """For a family's multimodal processor (first in its bases): placeholders checked before
+    anything is cached, the request's keep ratio taken out of the HF processor's kwargs and
+    attached to each video item, which carries it to the model and the prompt updates."""
+
+    info: Any
+
+    def apply(self, inputs: Any, timing_ctx: Any) -> Any:
+        self.info.check_placeholder_tokens(inputs)
+        return super().apply(inputs, timing_ctx)  # type: ignore[misc]
+
+    def split_keep_ratio(self, hf_kwargs: Mapping[str, object]) -> tuple[float, dict]:
+        """The request's value, else the server's --mm-processor-kwargs, else the
+        checkpoint's; and the kwargs without it (the HF processor does not know it)."""
+        merged = self.info.ctx.get_merged_mm_kwargs(hf_kwargs)
+        keep_ratio = self.info.resolve_keep_ratio(merged.get(KEEP_RATIO_KWARG))
+        return keep_ratio, {k: v for k, v in hf_kwargs.items() if k != KEEP_RATIO_KWARG}
+
+    @staticmethod
+    def attach_keep_ratio(outputs: Any, keep_ratio: float) -> None:
+        outputs[KEEP_RATIO_KWARG] = torch.full((len(outputs["video_grid_thw"]),), keep_ratio)
+
+    def _get_mm_fields_config(
+        self, hf_inputs: Any, hf_processor_mm_kwargs: Mapping[str, object]
+    ) -> Mapping[str, MultiModalFieldConfig]:
+        return dict(
+            **super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs),  # type: ignore[misc]
+            **{KEEP_RATIO_KWARG: MultiModalFieldConfig.batched("video", keep_on_cpu=True)},
+        )
+
+    @staticmethod
+    def item_keep_ratio(item: Any) -> float:
+        """A processed video item's ratio; precomputed video embeddings bypass the HF
+        processor and carry none: nothing to prune there."""
+        keep = item.get(KEEP_RATIO_KWARG)
+        return 1.0 if keep is None else float(keep.data)
 
 
 class STTSModelMixin:
@@ -156,7 +195,8 @@ class STTSModelMixin:
 
     @staticmethod
     def _pruned_vision_forward(*args: Any, **kwargs: Any) -> Any:
-        """The family module's `pruned_vision_forward` (tests spy on it there)."""
+        """Overridden by each family to call its module's `pruned_vision_forward` (tests spy
+        on it there)."""
         return pruned_vision_forward(*args, **kwargs)
 
     # -- positions --

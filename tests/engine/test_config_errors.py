@@ -78,3 +78,25 @@ def test_learned_scorer_without_weights_fails_at_load(demo_ckpt: Path, tmp_path:
     )
     assert result.returncode != 0
     assert "stts.scorer is 'learned' but the checkpoint has no scorer weights" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("selection", "global", "stts.selection 'global' does not fit"),
+        ("selection", "per_frame", "stts.selection must be one of"),
+        ("prune_at", 3, "stts.prune_at must be in [0, 2]"),  # Qwen3 demo ViT depth 4
+    ],
+)
+def test_bad_qwen3_stts_field_fails_at_configuration(
+    qwen3_ckpt: Path, tmp_path: Path, field: str, value: Any, message: str
+) -> None:
+    model = _variant(qwen3_ckpt, tmp_path / "bad", **{field: value})
+    with pytest.raises(ValueError) as info:
+        _configure(model)
+    assert message in str(info.value)
+
+
+def test_valid_qwen3_checkpoint_turns_pruning_mode_on(qwen3_ckpt: Path) -> None:
+    config = _configure(qwen3_ckpt)
+    assert config.model_config.multimodal_config.is_multimodal_pruning_enabled()

@@ -278,3 +278,22 @@ def test_learned_scorer_runs_in_float32(engines, qwen3_learned_ckpt: Path) -> No
     assert scorer is not None and all(p.dtype == torch.float32 for p in scorer.parameters())
     (out,) = _generate(llm, [_video_prompt(8, 128, 128, keep=0.5, seed=14)])
     assert out.prompt_token_ids.count(VIDEO_TOKEN) == sum(step_quotas(4, 16, 0.5))
+
+
+def test_timestamps_are_the_real_frame_times(llm: Any) -> None:
+    """Unevenly spaced frames (variable frame rate): each step's `<t seconds>` is the mean of
+    its two frames' real times, as `timed_video_metadata` carries them."""
+    from stts_vllm.video_inputs import timed_video_metadata
+
+    times = [0.0, 0.1, 1.0, 1.3, 4.0, 4.2, 9.5, 9.9]
+    frames = moving_square_video(len(times), 96, 128, seed=21)
+    prompt = {
+        "prompt": chat_prompt("video"),
+        "multi_modal_data": {"video": [(frames, timed_video_metadata(times, duration=10.0))]},
+        "mm_processor_kwargs": {"stts_keep_ratio": 0.5},
+    }
+    (out,) = _generate(llm, [prompt], max_tokens=1)
+    steps = _steps(llm, out.prompt_token_ids)
+    expected = [f"{(a + b) / 2:.1f}" for a, b in zip(times[::2], times[1::2], strict=True)]
+    assert [ts for ts, _ in steps] == expected
+    assert [n for _, n in steps] == step_quotas(4, 12, 0.5)

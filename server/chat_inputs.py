@@ -22,7 +22,6 @@ from server.schemas import (
     VideoReport,
 )
 from server.state import AppState
-from stts_vllm.video_inputs import video_metadata
 
 
 @dataclass
@@ -47,7 +46,7 @@ def _resolve_keep_ratio(options: STTSOptions, state: AppState) -> float:
 
 
 def _video_metadata(video: LoadedVideo) -> dict[str, Any]:
-    return video_metadata(int(video.frames.shape[0]), video.fps, backend="pyav")
+    return video.metadata
 
 
 def _message_parts(

@@ -26,32 +26,63 @@ class ModelFacts:
 
 
 def read_model_facts(settings: Settings) -> ModelFacts:
-    from stts_vllm.plugin import STTS_ARCHITECTURE
+    """The family (from `config.json`), STTS defaults, and the video processor's geometry:
+    read, never assumed (Qwen2.5-VL has 14 px patches, Qwen3-VL 16), so a checkpoint that
+    lacks them stops the server at start-up with the missing field named."""
+    from stts_vllm.families import FAMILIES, family_of_config
 
     config = json.loads((settings.model / "config.json").read_text())
-    processor = (
-        json.loads((settings.model / "processor_config.json").read_text())
-        if (settings.model / "processor_config.json").exists()
-        else {}
-    )
-    video = processor.get("video_processor") or {}
-    if not video and (settings.model / "preprocessor_config.json").exists():
-        video = json.loads((settings.model / "preprocessor_config.json").read_text())
+    family = family_of_config(config, str(settings.model / "config.json"))
+    video, source = _video_processor_config(settings)
+
+    def field(name: str) -> int:
+        if not isinstance(video.get(name), int):
+            raise ValueError(f"{source}: the video processor config has no integer {name!r}")
+        return int(video[name])
+
     size = video.get("size") or {}
+    bounds = {}
+    for bound, (size_key, legacy_key) in {
+        "min_pixels": ("shortest_edge", "min_pixels"),
+        "max_pixels": ("longest_edge", "max_pixels"),
+    }.items():
+        value = size.get(size_key, video.get(legacy_key))
+        if not isinstance(value, int):
+            raise ValueError(
+                f"{source}: the video processor config has no size.{size_key} ({legacy_key})"
+            )
+        bounds[bound] = value
+    timestamped = family.name != "qwen2_5_vl"  # the Qwen3-VL family's processors
     geometry = VisionGeometry(
-        patch_size=int(video.get("patch_size", 14)),
-        merge_size=int(video.get("merge_size", 2)),
-        temporal_patch_size=int(video.get("temporal_patch_size", 2)),
-        min_pixels=int(
-            settings.frame_min_pixels or size.get("shortest_edge") or video.get("min_pixels", 3136)
-        ),
-        max_pixels=int(
-            settings.frame_max_pixels or size.get("longest_edge") or video.get("max_pixels", 200704)
-        ),
+        patch_size=field("patch_size"),
+        merge_size=field("merge_size"),
+        temporal_patch_size=field("temporal_patch_size"),
+        min_pixels=int(settings.frame_min_pixels or bounds["min_pixels"]),
+        max_pixels=int(settings.frame_max_pixels or bounds["max_pixels"]),
+        per_video_pixels=timestamped,
+        timestamped=timestamped,
     )
-    is_stts = STTS_ARCHITECTURE in config.get("architectures", [])
+    is_stts = any(f.stts_architecture in config.get("architectures", []) for f in FAMILIES)
     keep = float((config.get("stts") or {}).get("keep_ratio", 1.0)) if is_stts else 1.0
     return ModelFacts(is_stts=is_stts, default_keep_ratio=keep, geometry=geometry)
+
+
+def _video_processor_config(settings: Settings) -> tuple[dict[str, Any], str]:
+    """transformers v5 keeps it in `processor_config.json`, older checkpoints in
+    `video_preprocessor_config.json` or `preprocessor_config.json`."""
+    combined = settings.model / "processor_config.json"
+    if combined.exists():
+        video = json.loads(combined.read_text()).get("video_processor")
+        if video:
+            return video, str(combined)
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        path = settings.model / name
+        if path.exists():
+            return json.loads(path.read_text()), str(path)
+    raise ValueError(
+        f"{settings.model} has no video processor config (processor_config.json, "
+        "video_preprocessor_config.json or preprocessor_config.json)"
+    )
 
 
 def merge_engine_args(named: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

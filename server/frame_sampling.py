@@ -15,13 +15,19 @@ from stts_vllm.core import retained_count
 
 @dataclass(frozen=True)
 class VisionGeometry:
-    """What the served model's processor does to frames (read from its processor config)."""
+    """What the served model's processor does to frames (read from its processor config).
+
+    Qwen2.5-VL bounds each frame's area by `min_pixels..max_pixels`; Qwen3-VL bounds a whole
+    video's volume (frames x height x width) and writes each temporal step's time into the
+    prompt (`per_video_pixels`, `timestamped`)."""
 
     patch_size: int = 14
     merge_size: int = 2
     temporal_patch_size: int = 2
     min_pixels: int = 3136
     max_pixels: int = 200704
+    per_video_pixels: bool = False
+    timestamped: bool = False
 
     @property
     def factor(self) -> int:
@@ -39,9 +45,24 @@ class FramePlan:
         return len(self.times)
 
 
-def frame_size(height: int, width: int, geometry: VisionGeometry) -> tuple[int, int]:
-    """The model processor's own `smart_resize`: multiples of patch x merge, area within the
-    pixel budget, aspect kept. Frames decoded at this size pass the processor unchanged."""
+def frame_size(
+    height: int, width: int, geometry: VisionGeometry, num_frames: int = 1
+) -> tuple[int, int]:
+    """The model processor's own `smart_resize`: multiples of patch x merge, area (or, for
+    Qwen3-VL, the video's volume of `num_frames` frames) within the pixel budget, aspect
+    kept. Frames decoded at this size pass the processor unchanged."""
+    if geometry.per_video_pixels:
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as resize
+
+        return resize(
+            max(num_frames, geometry.temporal_patch_size),
+            height,
+            width,
+            temporal_factor=geometry.temporal_patch_size,
+            factor=geometry.factor,
+            min_pixels=geometry.min_pixels,
+            max_pixels=geometry.max_pixels,
+        )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
 
     return smart_resize(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import dataclasses
 import hashlib
 import io
 import ipaddress
@@ -18,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -30,6 +32,7 @@ from server.frame_sampling import FramePlan, VisionGeometry, frame_size, plan_fr
 from server.media_errors import MediaError
 from server.settings import Settings
 from server.video_decode import DecodedVideo, VideoInfo, decode, probe
+from stts_vllm.video_inputs import timed_video_metadata, video_metadata
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class LoadedVideo:
     duration: float | None
     plan: FramePlan
     cache_hit: bool
+    metadata: dict[str, Any]  # what vLLM's processor gets with the frames
 
 
 class DecodedCache:
@@ -211,14 +215,10 @@ class MediaLoader:
         keep_ratio: float,
         test_time_scaling: bool,
     ) -> FramePlan:
-        try:
-            size = frame_size(info.height, info.width, self.geometry)
-        except ValueError as exc:
-            raise MediaError("invalid_video", str(exc)) from exc
-        return plan_frames(
+        plan = plan_frames(
             info.duration,
             info.frame_count,
-            size,
+            (0, 0),  # sized below: Qwen3-VL's pixel budget depends on the frame count
             fps=fps,
             num_frames=num_frames,
             min_frames=self.settings.min_frames,
@@ -226,6 +226,18 @@ class MediaLoader:
             keep_ratio=keep_ratio,
             test_time_scaling=test_time_scaling,
         )
+        try:
+            size = frame_size(info.height, info.width, self.geometry, plan.num_frames)
+        except ValueError as exc:
+            raise MediaError("invalid_video", str(exc)) from exc
+        return dataclasses.replace(plan, size=size)
+
+    def _metadata(self, times: list[float], fps: float, duration: float | None) -> dict[str, Any]:
+        """Qwen3-VL prints each step's time: the real decode times. Qwen2.5-VL's positions
+        need a frame rate: that of the sampled frames."""
+        if self.geometry.timestamped:
+            return timed_video_metadata(times, duration or times[-1], backend="pyav")
+        return video_metadata(len(times), fps, backend="pyav")
 
     async def video(
         self,
@@ -269,17 +281,20 @@ class MediaLoader:
         metrics.DECODES.labels(cache="hit" if hit else "miss").inc()
         span = plan.times[-1] - plan.times[0] if plan.num_frames > 1 else 0.0
         fps_sampled = (plan.num_frames - 1) / span if span > 0 else fps
-        return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit)
+        metadata = self._metadata(decoded.times, fps_sampled, info.duration)
+        return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit, metadata)
 
     async def frames_video(self, urls: list[str], *, fps: float) -> LoadedVideo:
         """A video sent as a run of frame images (time order), e.g. lmms-eval's clients."""
         images = [await self.image(url) for url in urls]
         first = images[0]
-        size = frame_size(first.height, first.width, self.geometry)
+        size = frame_size(first.height, first.width, self.geometry, len(images))
         frames = np.stack(
             [np.asarray(im.resize((size[1], size[0]), Image.Resampling.BICUBIC)) for im in images]
         )
         times = [i / fps for i in range(len(images))]
         plan = FramePlan(times=times, size=size, test_time_scaled=False)
         metrics.DECODES.labels(cache="miss").inc()
-        return LoadedVideo(frames, fps, len(images) / fps, plan, False)
+        duration = len(images) / fps
+        metadata = self._metadata(times, fps, duration)
+        return LoadedVideo(frames, fps, duration, plan, False, metadata)

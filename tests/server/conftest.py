@@ -14,6 +14,7 @@ from stts_vllm.checkpoint import make_demo
 from tests.processes import free_port, server_env, server_process
 
 API_KEY = "test-key"
+TOOL_FLAGS = ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]  # as for vllm serve
 MAX_IN_FLIGHT = 40
 
 
@@ -60,6 +61,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         str(port),
         "--max-model-len",
         "8192",
+        *TOOL_FLAGS,
     ]
     log = root / "server.log"
     url = f"http://127.0.0.1:{port}"

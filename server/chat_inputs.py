@@ -151,7 +151,8 @@ class _MessageParts:
 def _conversation_message(message: dict[str, Any], content: Any) -> dict[str, Any]:
     """The rest of a message as vLLM hands it to the chat template (`tool_calls` copied, since
     vLLM's post-processing parses their JSON arguments in place)."""
-    out: dict[str, Any] = {"role": message["role"], "content": content}
+    # no content (an assistant turn that only called tools): empty, as vLLM renders it
+    out: dict[str, Any] = {"role": message["role"], "content": "" if content is None else content}
     if message["role"] == "assistant" and message.get("tool_calls") is not None:
         out["tool_calls"] = [
             {**dict(call), "function": dict(call.get("function") or {})}

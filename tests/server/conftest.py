@@ -16,6 +16,7 @@ from tests.processes import free_port, server_env, server_process
 API_KEY = "test-key"
 TOOL_FLAGS = ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]  # as for vllm serve
 MAX_IN_FLIGHT = 40
+DEFAULT_MAX_TOKENS = 12  # what a request without max_tokens gets (the demo sets no default)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         "--max-model-len",
         "8192",
         *TOOL_FLAGS,
+        "--default-max-tokens",
+        str(DEFAULT_MAX_TOKENS),
     ]
     log = root / "server.log"
     url = f"http://127.0.0.1:{port}"

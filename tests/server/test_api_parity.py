@@ -41,6 +41,10 @@ DOCUMENTED = {
 }
 
 
+# The checkpoint's sampling defaults (generation_config.json), applied by both servers.
+GENERATION_DEFAULTS = {"temperature": 0.0, "max_new_tokens": 5}
+
+
 @dataclass(frozen=True)
 class Pair:
     ours: str
@@ -52,9 +56,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
     """Each server started once for the module."""
     root = tmp_path_factory.mktemp("parity")
     model = make_demo(root / "model")
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps(generation | GENERATION_DEFAULTS))
     ours_port, vllm_port = free_port(), free_port()
     common = ["--max-model-len", "4096", *TOOL_FLAGS]
     ours = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(ours_port)]
+    ours += ["--default-max-tokens", "7"]  # the checkpoint's max_new_tokens comes first
     vllm = [
         *[sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)],
         *["--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager"],
@@ -277,3 +284,12 @@ def test_same_stream_shape_as_vllm(servers: Pair, extra: dict[str, Any]) -> None
     ours, theirs = _sse(servers.ours, body | extra), _sse(servers.vllm, body | extra)
     assert ours[-1] == theirs[-1] == "data: [DONE]"
     assert _chunk_shapes(ours) == _chunk_shapes(theirs)
+
+
+def test_generation_config_defaults_like_vllm(servers: Pair) -> None:
+    """No max_tokens, no temperature: the checkpoint's max_new_tokens and (greedy) temperature,
+    so both servers give the same five tokens."""
+    body = {"model": MODEL, "messages": USER, "ignore_eos": True}
+    ours, theirs = (_send(url, body).json() for url in (servers.ours, servers.vllm))
+    assert ours["usage"]["completion_tokens"] == theirs["usage"]["completion_tokens"] == 5
+    assert ours["choices"][0]["message"] == theirs["choices"][0]["message"]

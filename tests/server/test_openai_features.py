@@ -13,7 +13,7 @@ from media import encode_mp4, moving_square_video
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel
 
-from tests.server.conftest import Server
+from tests.server.conftest import DEFAULT_MAX_TOKENS, Server
 
 VIDEO_URL = (
     "data:video/mp4;base64,"
@@ -169,3 +169,26 @@ def test_stream_options_without_stream_is_refused(server: Server) -> None:
         body = {"model": "stts-demo", "messages": USER, "stream_options": {"include_usage": True}}
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
+
+
+def test_max_tokens_unset_is_the_rest_of_the_context_up_to_the_server_bound(server: Server) -> None:
+    body = {"model": "stts-demo", "messages": USER, "ignore_eos": True}
+    with server.client() as http:
+        usage = http.post("/v1/chat/completions", json=body).json()["usage"]
+        assert usage["completion_tokens"] == DEFAULT_MAX_TOKENS
+        near_the_end = {"messages": [{"role": "user", "content": "go " * 8143}]}
+        usage = http.post("/v1/chat/completions", json=body | near_the_end).json()["usage"]
+    assert usage["prompt_tokens"] == 8185  # 7 tokens before the 8192-token context's end
+    assert usage["completion_tokens"] == 7
+
+
+def test_unknown_fields_are_logged_and_ignored(server: Server) -> None:
+    reply = server.openai().chat.completions.create(
+        model="stts-demo",
+        messages=USER,
+        max_tokens=2,
+        store=True,
+        extra_body={"frobnicate": 1},
+    )
+    assert reply.choices[0].message.content
+    assert "ignored unknown request fields: ['frobnicate', 'store']" in server.log.read_text()

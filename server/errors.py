@@ -64,6 +64,14 @@ def error_code(status: int) -> str:
         return "error"
 
 
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> ErrorResponse:
+    return ErrorResponse(
+        error=ErrorBody(message=message, type=_error_type(status), param=param, code=code)
+    )
+
+
 def error_response(
     status: int,
     message: str,
@@ -72,9 +80,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(
-        error=ErrorBody(message=message, type=_error_type(status), param=param, code=code)
-    )
+    body = error_body(status, message, param=param, code=code)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 

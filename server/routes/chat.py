@@ -19,8 +19,8 @@ from vllm.v1.engine.exceptions import EngineDeadError
 
 from server import metrics
 from server.chat_request import ChatRequest
-from server.errors import ENGINE_DEAD, APIError, error_code
-from server.schemas import ErrorBody, ErrorResponse, STTSReport
+from server.errors import ENGINE_DEAD, APIError, error_body, error_code
+from server.schemas import STTSReport
 from server.state import StateDep, Ticket, require_api_key, require_ready
 from server.video_options import resolve_video_options
 from server.vllm_compat import error_fields, sampling_error
@@ -170,13 +170,12 @@ def _error_event(event: str) -> APIError | None:
 
 
 def _our_error_event(error: APIError, engine_dead: bool) -> str:
-    body = ErrorBody(
-        message=ENGINE_DEAD if engine_dead else error.message,
-        type="server_error" if engine_dead or error.status >= 500 else "invalid_request_error",
-        param=error.param,
-        code="engine_dead" if engine_dead else error.code,
-    )
-    return f"data: {ErrorResponse(error=body).model_dump_json()}\n\n"
+    """vLLM's mid-stream error event in this server's error shape."""
+    if engine_dead:
+        body = error_body(503, ENGINE_DEAD, code="engine_dead")
+    else:
+        body = error_body(error.status, error.message, param=error.param, code=error.code)
+    return f"data: {body.model_dump_json()}\n\n"
 
 
 async def _stream(

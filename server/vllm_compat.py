@@ -55,6 +55,11 @@ class MediaRenderer(OnlineRenderer):
         *,
         skip_mm_cache: bool = False,
     ) -> tuple[list[Any], list[Any]]:
+        """vLLM 0.32.0's `preprocess_chat` (called by `render_chat` after its tool_choice and
+        chat-template checks) with our loaded media: the conversation goes through vLLM's
+        template call, vLLM's tokenisation and multimodal processing. Left out: vLLM's refusal
+        of per-request media kwargs (ours are bounded by the server's limits) and the Mistral
+        tokenizer's grammar branch (no Mistral models here)."""
         chat = await self._load_chat(request)
         request.served.stts = chat.report
         template_kwargs = merge_kwargs(default_template_kwargs, {"tools": tool_dicts})

@@ -240,7 +240,7 @@ def test_same_answer_shape_as_vllm(servers: Pair, row: str) -> None:
         return
     assert _shape(ours) == _shape(theirs), (ours.text[:2000], theirs.text[:2000])
     if ours.status_code == 400:
-        assert ours.json()["error"]["message"]
+        assert ours.json()["error"]["message"] and ours.json()["error"]["param"]
     if row == "json_schema":  # the enum leaves a random model no room to ramble
         for reply in (ours, theirs):
             choice = reply.json()["choices"][0]
@@ -283,7 +283,10 @@ def test_same_stream_shape_as_vllm(servers: Pair, extra: dict[str, Any]) -> None
     body = {"model": MODEL, "messages": USER, "max_tokens": 4, "stream": True, "temperature": 0}
     ours, theirs = _sse(servers.ours, body | extra), _sse(servers.vllm, body | extra)
     assert ours[-1] == theirs[-1] == "data: [DONE]"
-    assert _chunk_shapes(ours) == _chunk_shapes(theirs)
+    # the same kinds of chunk; how many depends on timing (vLLM merges the deltas of a slow
+    # reader, and interleaves the choices of n > 1 as they come)
+    assert set(_chunk_shapes(ours)) == set(_chunk_shapes(theirs))
+    assert _chunk_shapes(ours)[-1] == _chunk_shapes(theirs)[-1]
 
 
 def test_generation_config_defaults_like_vllm(servers: Pair) -> None:

@@ -39,7 +39,13 @@ def create_app(settings: Settings, on_engine_death: Callable[[], None] | None = 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        from server.chat_inputs import load_chat
+        from server.vllm_compat import build_chat_serving
+
         await engine.start()
+        state.chat = build_chat_serving(
+            engine.engine, settings, lambda request: load_chat(request, state)
+        )
         stop = on_engine_death if settings.exit_on_engine_death else None
         watchdog = asyncio.create_task(_watch_engine(engine, stop))
         try:

@@ -20,6 +20,14 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not (settings.model / "config.json").exists():
         raise SystemExit(f"no checkpoint at {settings.model} (make one: stts-vllm make-demo DIR)")
+    if settings.enable_auto_tool_choice and not settings.tool_call_parser:
+        raise SystemExit("--enable-auto-tool-choice requires --tool-call-parser (as in vLLM)")
+    if settings.tool_call_parser:
+        from vllm.tool_parsers import ToolParserManager
+
+        known = ToolParserManager.list_registered()
+        if settings.tool_call_parser not in known:
+            raise SystemExit(f"--tool-call-parser {settings.tool_call_parser!r}: one of {known}")
     from server.app import create_app
     from server.engine import EngineService
 

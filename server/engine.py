@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,7 +110,6 @@ class EngineService:
         self.settings = settings
         self.facts = read_model_facts(settings)
         self.engine: Any = None
-        self.tokenizer: Any = None
         self.ready = asyncio.Event()
         self._died = False
 
@@ -138,11 +136,9 @@ class EngineService:
         return AsyncEngineArgs(**merge_engine_args(named, s.engine_args))
 
     async def start(self) -> None:
-        from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self.engine_args()
-        self.tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.settings.model)
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.ready.set()
         logger.info("engine ready: %s (STTS: %s)", self.settings.model, self.facts.is_stts)
@@ -160,15 +156,3 @@ class EngineService:
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
-
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-
-    def generate(self, prompt: dict[str, Any], params: Any, request_id: str) -> AsyncIterator[Any]:
-        return self.engine.generate(prompt, params, request_id)
-
-    async def abort(self, request_id: str) -> None:
-        if self.engine is not None:
-            await self.engine.abort(request_id)

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from vllm.exceptions import VLLMValidationError
 
 from server.media_errors import MediaError
 from server.schemas import ErrorBody, ErrorResponse
@@ -53,6 +54,24 @@ def _error_type(status: int) -> str:
     return "invalid_request_error"
 
 
+def error_code(status: int) -> str:
+    """Our `code` for an error vLLM reports only by HTTP status."""
+    if status == 400:
+        return "invalid_request"
+    try:
+        return HTTPStatus(status).phrase.lower().replace(" ", "_").replace("-", "_")
+    except ValueError:
+        return "error"
+
+
+def error_body(
+    status: int, message: str, *, param: str | None = None, code: str | None = None
+) -> ErrorResponse:
+    return ErrorResponse(
+        error=ErrorBody(message=message, type=_error_type(status), param=param, code=code)
+    )
+
+
 def error_response(
     status: int,
     message: str,
@@ -61,9 +80,7 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(
-        error=ErrorBody(message=message, type=_error_type(status), param=param, code=code)
-    )
+    body = error_body(status, message, param=param, code=code)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -72,17 +89,23 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """The most specific pydantic error (deepest location) as a message and `param` path;
-    union branch names (`str`, `list[...]`) are left out of the path."""
+    union branch names (`str`, `list[...]`, vLLM's `ChatCompletion...Param` types) are left out
+    of the path."""
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     if any(e.get("type") == "json_invalid" for e in errors):
         return "request body is not valid JSON", None
+    for error in errors:  # vLLM's validators name the parameter themselves
+        raised = (error.get("ctx") or {}).get("error")
+        if isinstance(raised, VLLMValidationError):
+            return str(raised), raised.parameter
     first = max(errors, key=lambda e: len(e.get("loc", ())))
     location = [
         str(p)
         for p in first.get("loc", ())
-        if p != "body" and not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES))
+        if p != "body"
+        and not (isinstance(p, str) and ("[" in p or p in _TYPE_NAMES or p[:1].isupper()))
     ]
     param = ".".join(location) or None
     where = f" at `{param}`" if param else ""
@@ -110,7 +133,17 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail) if exc.detail else HTTPStatus(exc.status_code).phrase
         return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
+    from vllm.exceptions import VLLMError
     from vllm.v1.engine.exceptions import EngineDeadError
+
+    @app.exception_handler(VLLMError)
+    async def vllm_error(_: Request, exc: VLLMError) -> JSONResponse:
+        """vLLM's request validators raise these (not pydantic errors) while the body is parsed;
+        answered as vLLM's server answers them."""
+        from server.vllm_compat import error_fields
+
+        status, message, param = error_fields(exc)
+        return error_response(status, message, param=param, code=error_code(status))
 
     @app.exception_handler(EngineDeadError)
     async def engine_dead(_: Request, exc: EngineDeadError) -> JSONResponse:

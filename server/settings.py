@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
 DEMO_MODEL = Path("artifacts/demo-stts")
 
@@ -46,6 +46,20 @@ class Settings(BaseSettings):
         "Kubernetes restarts the server; false keeps it up answering 503",
     )
     max_request_bytes: int = 64 * 1024 * 1024
+
+    # -- OpenAI API (the same knobs as `vllm serve`) --
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool parser for tool calls in the output, e.g. hermes"
+    )
+    enable_auto_tool_choice: CliImplicitFlag[bool] = Field(  # a bare flag, as in vLLM
+        False, description='tool_choice "auto": the model decides (needs --tool-call-parser)'
+    )
+    default_max_tokens: int = Field(
+        1024,
+        description="a request without max_tokens gets the rest of the context, at most this "
+        "many tokens (0: no bound, as vLLM); the checkpoint's generation_config.json "
+        "max_new_tokens, if set, comes first",
+    )
 
     # -- media --
     max_video_bytes: int = 256 * 1024 * 1024

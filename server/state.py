@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -69,6 +69,7 @@ class AppState:
     files: FileStore
     media: MediaLoader
     admission: Admission
+    chat: Any = None  # vLLM's chat serving over the engine (`server.vllm_compat`), once started
 
 
 def get_state(request: Request) -> AppState:

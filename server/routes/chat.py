@@ -1,62 +1,42 @@
-"""`POST /v1/chat/completions`: validate, load media, run the engine, stream or return."""
+"""`POST /v1/chat/completions`: vLLM's own chat serving (see `server.vllm_compat`) behind our
+admission control, media pipeline, `stts` report, metrics and client-disconnect aborts."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionResponse
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse as VLLMErrorResponse
+from vllm.exceptions import VLLMError
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from server import metrics
-from server.chat_inputs import EngineInputs, build_engine_inputs
-from server.errors import ENGINE_DEAD, APIError
-from server.schemas import (
-    AssistantMessage,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    Choice,
-    ChunkChoice,
-    Delta,
-    ErrorBody,
-    ErrorResponse,
-    Usage,
-)
+from server.chat_request import ChatRequest
+from server.errors import ENGINE_DEAD, APIError, error_body, error_code
+from server.schemas import STTSReport
 from server.state import StateDep, Ticket, require_api_key, require_ready
+from server.video_options import resolve_video_options
+from server.vllm_compat import error_fields, sampling_error
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
 ROUTE = "/v1/chat/completions"
-DEFAULT_MAX_TOKENS = 256
+
+# What vLLM's serving may raise for a bad request (it maps them to 4xx/5xx the same way).
+_VLLM_ERRORS = (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError)
 
 
-def _sampling_params(body: ChatCompletionRequest) -> Any:
-    """Always delta outputs: a non-streaming request accumulates them, so the time to its
-    first token is measured like a streaming one's."""
-    from vllm import SamplingParams
-    from vllm.exceptions import VLLMClientError
-    from vllm.sampling_params import RequestOutputKind
-
-    stop = [body.stop] if isinstance(body.stop, str) else body.stop
-    try:
-        return SamplingParams(
-            n=body.n,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed,
-            stop=stop,
-            top_k=-1 if body.top_k is None else body.top_k,
-            min_tokens=body.min_tokens or 0,
-            ignore_eos=body.ignore_eos,
-            max_tokens=body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
-            output_kind=RequestOutputKind.DELTA,
-        )
-    except (ValueError, VLLMClientError) as exc:
-        raise APIError(400, str(exc), code="invalid_request") from exc
+def _from_vllm(exc: Exception) -> APIError:
+    status, message, param = error_fields(exc)
+    return APIError(status, message, param=param, code=error_code(status))
 
 
 class _Timing:
@@ -66,11 +46,11 @@ class _Timing:
         self.start = time.monotonic()
         self.first: float | None = None
 
-    def token(self, ticket: Ticket) -> None:
+    def first_token(self, ticket: Ticket, at: float) -> None:
         if self.first is None:
-            self.first = time.monotonic()
+            self.first = at
             ticket.started()
-            metrics.TIME_TO_FIRST_TOKEN.observe(self.first - self.start)
+            metrics.TIME_TO_FIRST_TOKEN.observe(at - self.start)
 
     def finish(self, completion_tokens: int, status: int) -> None:
         end = time.monotonic()
@@ -80,53 +60,16 @@ class _Timing:
         metrics.REQUESTS.labels(route=ROUTE, status=str(status)).inc()
 
 
-def _record_video_tokens(inputs: EngineInputs) -> None:
-    if inputs.report is None:
+def _record_video_tokens(report: STTSReport | None) -> None:
+    if report is None:
         return
-    metrics.FRAMES_SAMPLED.inc(sum(v.frames_sampled for v in inputs.report.videos))
-    metrics.VIDEO_TOKENS_BEFORE.inc(inputs.report.video_tokens_before)
-    metrics.VIDEO_TOKENS_AFTER.inc(inputs.report.video_tokens_after)
-    metrics.TOKENS_SAVED.inc(inputs.report.tokens_saved)
+    metrics.FRAMES_SAMPLED.inc(sum(v.frames_sampled for v in report.videos))
+    metrics.VIDEO_TOKENS_BEFORE.inc(report.video_tokens_before)
+    metrics.VIDEO_TOKENS_AFTER.inc(report.video_tokens_after)
+    metrics.TOKENS_SAVED.inc(report.tokens_saved)
 
 
-@dataclass
-class _Completion:
-    """Delta outputs of one request, accumulated per choice."""
-
-    prompt_tokens: int = 0
-    texts: dict[int, str] = field(default_factory=dict)
-    tokens: dict[int, int] = field(default_factory=dict)
-    finish: dict[int, str | None] = field(default_factory=dict)
-
-    def add(self, output: Any) -> None:
-        self.prompt_tokens = len(output.prompt_token_ids or []) or self.prompt_tokens
-        for c in output.outputs:
-            self.texts[c.index] = self.texts.get(c.index, "") + c.text
-            self.tokens[c.index] = self.tokens.get(c.index, 0) + len(c.token_ids)
-            self.finish[c.index] = c.finish_reason
-
-    def usage(self) -> Usage:
-        completion = sum(self.tokens.values())
-        return Usage(
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=completion,
-            total_tokens=self.prompt_tokens + completion,
-        )
-
-
-async def _first(stream: AsyncIterator[Any]) -> Any:
-    """The engine's first output; request errors it raises become 400s, not broken streams."""
-    from vllm.exceptions import VLLMClientError
-
-    try:
-        return await anext(stream)
-    except (ValueError, TypeError, VLLMClientError) as exc:
-        raise APIError(
-            400, f"the engine refused the request: {exc}", code="engine_rejected"
-        ) from exc
-
-
-async def _until_disconnect(request: Request, work: asyncio.Task) -> Any:
+async def _until_disconnect(request: Request, work: asyncio.Future) -> Any:
     """Awaits `work`, cancelling it (which aborts the engine request) if the client leaves."""
     while True:
         done, _ = await asyncio.wait({work}, timeout=0.5)
@@ -137,135 +80,137 @@ async def _until_disconnect(request: Request, work: asyncio.Task) -> Any:
             raise APIError(499, "client disconnected", code="client_closed_request")
 
 
-@router.post(ROUTE, response_model=ChatCompletionResponse)
-async def chat_completions(body: ChatCompletionRequest, request: Request, state: StateDep) -> Any:
-    if body.model != state.settings.served_model_name:
+def _check_request(body: ChatRequest, state: Any) -> None:
+    """Everything refusable without work, before admission and media loading."""
+    name = state.settings.served_model_name
+    if body.model is not None and body.model != name:
         raise APIError(
             404,
-            f"model {body.model!r} does not exist; this server serves "
-            f"{state.settings.served_model_name!r}",
+            f"model {body.model!r} does not exist; this server serves {name!r}",
             param="model",
             code="model_not_found",
         )
+    if body.model_extra:
+        logger.info("ignored unknown request fields: %s", sorted(body.model_extra))
+    resolve_video_options(body)
+    if (exc := sampling_error(body, state.chat)) is not None:
+        raise _from_vllm(exc)
+
+
+@router.post(ROUTE)
+async def chat_completions(body: ChatRequest, request: Request, state: StateDep) -> Any:
+    _check_request(body, state)
+    if body.user:
+        logger.info("chat completion for user %r", body.user)
     ticket = state.admission.acquire()
     timing = _Timing()
-    streaming = False
     try:
-        inputs = await build_engine_inputs(body, state)
-        request_id = f"chatcmpl-{uuid.uuid4().hex}"
-        params = _sampling_params(body)
-        outputs = state.engine.generate(inputs.prompt, params, request_id)
-        if body.stream:
-            first = await _first(outputs)  # engine refusals become 400s, not broken streams
-            _record_video_tokens(inputs)
-            streaming = True  # from here the stream owns the ticket and the timing
-            stream = _stream(body, inputs, request_id, first, outputs, ticket, timing)
-            return StreamingResponse(stream, media_type="text/event-stream")
-        work = asyncio.ensure_future(_collect(outputs, ticket, timing))
-        completion = await _until_disconnect(request, work)
-        _record_video_tokens(inputs)
+        response = await _respond(body, request, state, ticket, timing)
     except BaseException as exc:
-        if not streaming:
-            timing.finish(0, exc.status if isinstance(exc, APIError) else 500)
-        raise
-    finally:
-        if not streaming:
-            ticket.release()
-    usage = completion.usage()
-    timing.finish(usage.completion_tokens, 200)
-    return ChatCompletionResponse(
-        id=request_id,
-        created=int(time.time()),
-        model=body.model,
-        usage=usage,
-        stts=inputs.report,
-        choices=[
-            Choice(
-                index=i,
-                message=AssistantMessage(content=completion.texts[i]),
-                finish_reason=completion.finish[i],
-            )
-            for i in sorted(completion.texts)
-        ],
+        dead = isinstance(exc, EngineDeadError)
+        error = _from_vllm(exc) if isinstance(exc, _VLLM_ERRORS) and not dead else exc
+        ticket.release()
+        timing.finish(0, error.status if isinstance(error, APIError) else 503 if dead else 500)
+        if error is exc:
+            raise
+        raise error from exc
+    if not isinstance(response, StreamingResponse):
+        ticket.release()
+    return response
+
+
+async def _respond(
+    body: ChatRequest, request: Request, state: Any, ticket: Ticket, timing: _Timing
+) -> JSONResponse | StreamingResponse:
+    """vLLM's answer with our report; a stream takes over the ticket and the timing."""
+    work = asyncio.ensure_future(state.chat.create_chat_completion(body, request))
+    result = await _until_disconnect(request, work)
+    served = body.served
+    if isinstance(result, VLLMErrorResponse):
+        raise APIError(
+            result.error.code,
+            result.error.message,
+            param=result.error.param,
+            code=error_code(result.error.code),
+        )
+    if isinstance(result, ChatCompletionResponse):
+        if served.decode_seconds is not None:  # non-streaming sees one, final output
+            timing.first_token(ticket, time.monotonic() - served.decode_seconds)
+        _record_video_tokens(served.stts)
+        timing.finish(result.usage.completion_tokens, 200)
+        content = result.model_dump()
+        if served.stts is not None:
+            content["stts"] = served.stts.model_dump()
+        return JSONResponse(content)
+    first = await _until_disconnect(request, asyncio.ensure_future(anext(result)))
+    if (error := _error_event(first)) is not None:
+        await result.aclose()
+        raise error  # nothing streamed yet: an HTTP error rather than a 200 with an error
+    _record_video_tokens(served.stts)
+    return StreamingResponse(
+        _stream(body, first, result, ticket, timing, state), media_type="text/event-stream"
     )
 
 
-async def _collect(outputs: AsyncIterator[Any], ticket: Ticket, timing: _Timing) -> _Completion:
-    completion = _Completion()
-    output = await _first(outputs)
-    while output is not None:
-        if any(c.token_ids for c in output.outputs):
-            timing.token(ticket)
-        completion.add(output)
-        output = await anext(outputs, None)
-    return completion
+def _event_json(event: str) -> dict[str, Any] | None:
+    if not event.startswith("data: {"):
+        return None
+    return json.loads(event[len("data: ") :])
 
 
-def _sse(chunk: ChatCompletionChunk) -> str:
-    return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+def _error_event(event: str) -> APIError | None:
+    data = _event_json(event)
+    if data is None or "error" not in data:
+        return None
+    error = data["error"]
+    status = int(error.get("code") or 500)
+    return APIError(
+        status, error.get("message", ""), param=error.get("param"), code=error_code(status)
+    )
+
+
+def _our_error_event(error: APIError, engine_dead: bool) -> str:
+    """vLLM's mid-stream error event in this server's error shape."""
+    if engine_dead:
+        body = error_body(503, ENGINE_DEAD, code="engine_dead")
+    else:
+        body = error_body(error.status, error.message, param=error.param, code=error.code)
+    return f"data: {body.model_dump_json()}\n\n"
 
 
 async def _stream(
-    body: ChatCompletionRequest,
-    inputs: EngineInputs,
-    request_id: str,
-    first: Any,
-    outputs: AsyncIterator[Any],
+    body: ChatRequest,
+    first: str,
+    events: AsyncIterator[str],
     ticket: Ticket,
     timing: _Timing,
+    state: Any,
 ) -> AsyncIterator[str]:
-    """SSE chunks: a role chunk per choice, content deltas, finish reasons, an optional usage
-    chunk (with the `stts` report), then `[DONE]`. Leaving early aborts the engine request."""
-    created = int(time.time())
-
-    def chunk(choices: list[ChunkChoice], **extra: Any) -> str:
-        return _sse(
-            ChatCompletionChunk(
-                id=request_id, created=created, model=body.model, choices=choices, **extra
-            )
-        )
-
-    completion = _Completion()
+    """vLLM's SSE events, as they come, with the `stts` report added to the usage chunk and
+    error events in our error shape; vLLM ends every stream, failed or not, with `[DONE]`.
+    Leaving early aborts the engine request."""
     status = 200
     try:
-        yield chunk(
-            [ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(body.n)]
-        )
-        output = first
-        while output is not None:
-            completion.add(output)
-            if any(c.token_ids for c in output.outputs):
-                timing.token(ticket)
-            deltas = [
-                ChunkChoice(
-                    index=c.index,
-                    delta=Delta(content=c.text or None),
-                    finish_reason=c.finish_reason,
-                )
-                for c in output.outputs
-                if c.text or c.finish_reason
-            ]
-            if deltas:
-                yield chunk(deltas)
-            output = await anext(outputs, None)
-        if body.stream_options and body.stream_options.include_usage:
-            yield chunk([], usage=completion.usage(), stts=inputs.report)
-        yield "data: [DONE]\n\n"
+        event: str | None = first
+        while event is not None:
+            if (at := body.served.first_token_at) is not None:
+                timing.first_token(ticket, at)
+            data = _event_json(event)
+            if data is not None and "error" in data:
+                error = _error_event(event)
+                assert error is not None
+                status = error.status
+                event = _our_error_event(error, state.engine.dead)
+            elif data is not None and data.get("usage") and not data.get("choices"):
+                if body.served.stts is not None:
+                    data["stts"] = body.served.stts.model_dump()
+                event = f"data: {json.dumps(data)}\n\n"
+            yield event
+            event = await anext(events, None)
     except (asyncio.CancelledError, GeneratorExit):
         status = 499
         raise
-    except Exception as exc:
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        status = 500
-        dead = isinstance(exc, EngineDeadError)
-        error = ErrorBody(
-            message=ENGINE_DEAD if dead else f"generation failed: {type(exc).__name__}",
-            type="server_error",
-            code="engine_dead" if dead else "internal_error",
-        )
-        yield f"data: {ErrorResponse(error=error).model_dump_json()}\n\n"
     finally:
-        await outputs.aclose()
+        await events.aclose()
         ticket.release()
-        timing.finish(completion.usage().completion_tokens, status)
+        timing.finish(body.served.completion_tokens, status)

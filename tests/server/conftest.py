@@ -14,7 +14,9 @@ from stts_vllm.checkpoint import make_demo
 from tests.processes import free_port, server_env, server_process
 
 API_KEY = "test-key"
+TOOL_FLAGS = ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]  # as for vllm serve
 MAX_IN_FLIGHT = 40
+DEFAULT_MAX_TOKENS = 12  # what a request without max_tokens gets (the demo sets no default)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         str(port),
         "--max-model-len",
         "8192",
+        *TOOL_FLAGS,
+        "--default-max-tokens",
+        str(DEFAULT_MAX_TOKENS),
     ]
     log = root / "server.log"
     url = f"http://127.0.0.1:{port}"

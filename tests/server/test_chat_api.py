@@ -176,6 +176,61 @@ def test_sampling_options(server: Server) -> None:
     )
 
 
+def _frames_with(server: Server, **extra: Any) -> int:
+    reply = server.openai().chat.completions.create(
+        model="stts-demo", messages=_messages(VIDEO_URL), max_tokens=1, extra_body=extra
+    )
+    return reply.model_extra["stts"]["videos"][0]["frames_sampled"]
+
+
+def test_vllm_media_knobs_set_the_frame_plan(server: Server) -> None:
+    """A client written for `vllm serve` (lmms-eval's `pass_video_url` sends media_io_kwargs)
+    gets the frames it asked for; the 10 s video has 20 frames at the default 2 fps."""
+    assert _frames_with(server, media_io_kwargs={"video": {"num_frames": 8}}) == 8
+    assert _frames_with(server, media_io_kwargs={"video": {"fps": 1.0}}) == 10
+    assert _frames_with(server, mm_processor_kwargs={"num_frames": 6}) == 6
+    assert _frames_with(server, mm_processor_kwargs={"fps": 0.5}) == 5
+    assert _frames_with(server, mm_processor_kwargs={"max_frames": 7}) == 7
+    # the same value from two sources is no conflict
+    assert _frames_with(server, stts={"num_frames": 4}, mm_processor_kwargs={"num_frames": 4}) == 4
+    reply = server.openai().chat.completions.create(
+        model="stts-demo",
+        messages=_messages(VIDEO_URL),
+        max_tokens=1,
+        extra_body={"mm_processor_kwargs": {"stts_keep_ratio": 0.25}},
+    )
+    assert reply.model_extra["stts"]["keep_ratio"] == 0.25
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "text"),
+    [
+        (
+            {"stts": {"num_frames": 8}, "media_io_kwargs": {"video": {"num_frames": 4}}},
+            "media_io_kwargs.video.num_frames",
+            "conflicts with stts.num_frames=8",
+        ),
+        (
+            {"mm_processor_kwargs": {"stts_keep_ratio": 0.3}, "stts": {"keep_ratio": 0.5}},
+            "mm_processor_kwargs.stts_keep_ratio",
+            "conflicts with stts.keep_ratio=0.5",
+        ),
+        ({"mm_processor_kwargs": {"max_pixels": 9999}}, "mm_processor_kwargs.max_pixels", ""),
+        ({"media_io_kwargs": {"image": {"x": 1}}}, "media_io_kwargs.image", ""),
+        ({"media_io_kwargs": {"video": {"fps": 0}}}, "media_io_kwargs.video.fps", "greater"),
+    ],
+)
+def test_vllm_media_knobs_refused_when_they_conflict(
+    server: Server, extra: dict, param: str, text: str
+) -> None:
+    body = {"model": "stts-demo", "messages": _messages(VIDEO_URL), "max_tokens": 1} | extra
+    with server.client() as client:
+        response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and text in error["message"], error
+
+
 def test_video_as_frame_images(server: Server) -> None:
     """lmms-eval / cookbook style: a run of image_url frames, or a list in video_url."""
     frames = []

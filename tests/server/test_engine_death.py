@@ -4,6 +4,7 @@ stops with exit status 1 so that Docker or Kubernetes restarts it. The engine is
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -43,14 +44,24 @@ def _wait_for(check, seconds: float = 60) -> None:
         time.sleep(0.5)
 
 
-def test_dead_engine_answers_503_and_fails_health(demo_checkpoint: Path, tmp_path: Path) -> None:
+def test_dead_engine_ends_streams_answers_503_and_fails_health(
+    demo_checkpoint: Path, tmp_path: Path
+) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = server_env(STTS_EXIT_ON_ENGINE_DEATH="false")
     with server_process(_argv(demo_checkpoint, port), url, "/ready", tmp_path / "log", env) as proc:
         body = {"model": "stts-demo", "messages": [{"role": "user", "content": "hi"}]}
         assert httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).status_code == 200
-        _kill_engine_core(proc)
+        long = body | {"max_tokens": 3000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=long, timeout=60) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: {")  # streaming has begun
+            _kill_engine_core(proc)
+            rest = [line for line in lines if line]
+        # mid-stream: an error event, then [DONE], as vLLM ends every stream
+        assert rest[-1] == "data: [DONE]", rest[-3:]
+        assert json.loads(rest[-2].removeprefix("data: "))["error"]["code"] == "engine_dead"
         _wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503)
         assert httpx.get(f"{url}/health").json() == {"status": "engine_dead"}
         assert httpx.get(f"{url}/ready").status_code == 503

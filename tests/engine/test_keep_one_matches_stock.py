@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 from media import chat_prompt, image, moving_square_video, video_item
 
+from tests.engine.conftest import greedy_with_logprobs
+
 VIDEO = video_item(moving_square_video(8, 140, 196))
 TALL_IMAGE = image(252, 112)  # taller than wide: text after it resumes at max(h, w)
 
@@ -23,26 +25,12 @@ PROMPTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _greedy(llm: Any, prompts: list[dict[str, Any]]) -> list[tuple[list[int], list[dict]]]:
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    return [
-        (
-            list(o.outputs[0].token_ids),
-            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
-        )
-        for o in outputs
-    ]
-
-
 @pytest.fixture(scope="module")
 def stock_and_stts(engines, stock_ckpt: Path, demo_ckpt: Path) -> dict[str, list]:
     names = list(PROMPTS)
-    stock = _greedy(engines.get(stock_ckpt), [PROMPTS[n] for n in names])
+    stock = greedy_with_logprobs(engines.get(stock_ckpt), [PROMPTS[n] for n in names])
     keep_one = {"mm_processor_kwargs": {"stts_keep_ratio": 1.0}}
-    stts = _greedy(engines.get(demo_ckpt), [PROMPTS[n] | keep_one for n in names])
+    stts = greedy_with_logprobs(engines.get(demo_ckpt), [PROMPTS[n] | keep_one for n in names])
     return {"names": names, "stock": stock, "stts": stts}
 
 

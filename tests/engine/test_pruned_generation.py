@@ -9,9 +9,8 @@ import pytest
 import torch
 from media import chat_prompt, image, moving_square_video, video_item
 
-from stts_vllm import qwen2_5_vl
 from stts_vllm.core import mrope_positions, retained_count
-from tests.engine.conftest import live_model
+from tests.engine.conftest import Recorder, live_model
 
 VIDEO_TOKEN, IMAGE_TOKEN, VISION_START = 1007, 1006, 1003
 
@@ -42,29 +41,6 @@ def _video_prompt(frames: int, h: int, w: int, keep: float | None = None, seed: 
 @pytest.fixture
 def llm(engines, demo_ckpt: Path) -> Any:
     return engines.get(demo_ckpt)
-
-
-class Recorder:
-    """Spies on the real code paths (they still run): the keep masks the vision tower chose
-    and the M-RoPE positions the runner ends up with."""
-
-    def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.masks: list[torch.Tensor | None] = []
-        self.positions: list[tuple[torch.Tensor, torch.Tensor]] = []
-        forward, recompute = qwen2_5_vl.pruned_vision_forward, model.recompute_mrope_positions
-
-        def recording_forward(*args: Any, **kwargs: Any) -> Any:
-            out = forward(*args, **kwargs)
-            self.masks.extend(out.keep_masks)
-            return out
-
-        def recording_recompute(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
-            out = recompute(input_ids, *args, **kwargs)
-            self.positions.append((torch.as_tensor(input_ids).cpu(), out[1].cpu().clone()))
-            return out
-
-        monkeypatch.setattr(qwen2_5_vl, "pruned_vision_forward", recording_forward)
-        monkeypatch.setattr(model, "recompute_mrope_positions", recording_recompute)
 
 
 def _check_video_positions(

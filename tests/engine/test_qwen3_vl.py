@@ -11,9 +11,8 @@ import pytest
 import torch
 from media import chat_prompt, image, moving_square_video, video_item
 
-from stts_vllm import qwen3_vl
 from stts_vllm.core import step_quotas
-from tests.engine.conftest import live_model
+from tests.engine.conftest import Recorder, greedy_with_logprobs, live_model
 
 VIDEO_TOKEN, IMAGE_TOKEN, VISION_START, VISION_END = 1007, 1006, 1003, 1004
 STEP = re.compile(r"<(\d+\.\d) seconds><\|vision_start\|>((?:<\|video_pad\|>)*)<\|vision_end\|>")
@@ -58,29 +57,6 @@ def _steps(llm: Any, prompt_ids: list[int]) -> list[tuple[str, int]]:
     return [(ts, pads.count("<|video_pad|>")) for ts, pads in STEP.findall(text)]
 
 
-class Recorder:
-    """Spies on the real code paths (they still run): the keep masks the tower chose and the
-    M-RoPE positions the runner ends up with."""
-
-    def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.masks: list[torch.Tensor | None] = []
-        self.positions: list[tuple[torch.Tensor, torch.Tensor]] = []
-        forward, recompute = qwen3_vl.pruned_vision_forward, model.recompute_mrope_positions
-
-        def recording_forward(*args: Any, **kwargs: Any) -> Any:
-            out = forward(*args, **kwargs)
-            self.masks.extend(out.keep_masks)
-            return out
-
-        def recording_recompute(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
-            out = recompute(input_ids, *args, **kwargs)
-            self.positions.append((torch.as_tensor(input_ids).cpu(), out[1].cpu().clone()))
-            return out
-
-        monkeypatch.setattr(qwen3_vl, "pruned_vision_forward", recording_forward)
-        monkeypatch.setattr(model, "recompute_mrope_positions", recording_recompute)
-
-
 def _check_video_positions(
     ids: torch.Tensor,
     positions: torch.Tensor,
@@ -113,21 +89,12 @@ def _check_video_positions(
 # === keep 1.0 is the stock model === #
 
 
-def _greedy(llm: Any, prompts: list[dict[str, Any]]) -> list[tuple[list[int], list[dict]]]:
-    outputs = _generate(llm, prompts, max_tokens=12, logprobs=3)
-    return [
-        (
-            list(o.outputs[0].token_ids),
-            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
-        )
-        for o in outputs
-    ]
-
-
 @pytest.fixture(scope="module")
 def stock_and_stts(engines, qwen3_stock_ckpt: Path, qwen3_ckpt: Path) -> dict[str, Any]:
     names = list(KEEP_ONE_PROMPTS)
-    stock = _greedy(engines.get(qwen3_stock_ckpt), [KEEP_ONE_PROMPTS[n] for n in names])
+    stock = greedy_with_logprobs(
+        engines.get(qwen3_stock_ckpt), [KEEP_ONE_PROMPTS[n] for n in names]
+    )
     # no reference to the stock engine may outlive the switch: its teardown would take the
     # next engine's process groups with it
     (stock_video,) = _generate(
@@ -135,7 +102,9 @@ def stock_and_stts(engines, qwen3_stock_ckpt: Path, qwen3_ckpt: Path) -> dict[st
     )
     stock_steps = _steps(engines.get(qwen3_stock_ckpt), stock_video.prompt_token_ids)
     keep_one = {"mm_processor_kwargs": {"stts_keep_ratio": 1.0}}
-    stts = _greedy(engines.get(qwen3_ckpt), [KEEP_ONE_PROMPTS[n] | keep_one for n in names])
+    stts = greedy_with_logprobs(
+        engines.get(qwen3_ckpt), [KEEP_ONE_PROMPTS[n] | keep_one for n in names]
+    )
     return {"names": names, "stock": stock, "stts": stts, "stock_steps": stock_steps}
 
 

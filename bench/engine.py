@@ -152,6 +152,7 @@ def measure(engines: dict, frames: int, size: int, repeats: int, tokenizer: Any)
     video_pad = tokenizer.convert_tokens_to_ids("<|video_pad|>")
     samples: dict[str, dict[str, list[float]]] = {m.name: {} for m in METHODS}
     tokens: dict[str, int] = {}
+    prompt_tokens: dict[str, int] = {}  # all of them: Qwen3-VL's timestamps are never pruned
     order = [m for m in METHODS if m.engine in engines]
     for rep in range(repeats + 1):  # repetition 0 warms up
         for method in order:
@@ -167,6 +168,7 @@ def measure(engines: dict, frames: int, size: int, repeats: int, tokenizer: Any)
             out = llm.generate([request], params, use_tqdm=False)[0]
             total = time.perf_counter() - start
             tokens[method.name] = out.prompt_token_ids.count(video_pad)
+            prompt_tokens[method.name] = len(out.prompt_token_ids)
             if rep == 0:
                 continue
             for key, value in (
@@ -179,6 +181,7 @@ def measure(engines: dict, frames: int, size: int, repeats: int, tokenizer: Any)
     for method in order:
         row = {"frames": frames, "method": method.name, "keep": method.keep}
         row["video_tokens"] = tokens[method.name]
+        row["prompt_tokens"] = prompt_tokens[method.name]
         for key, values in samples[method.name].items():
             row[key] = statistics.median(values)
             row[key.replace("seconds", "spread")] = [min(values), max(values)]
@@ -253,7 +256,7 @@ def summarise(rows: list[dict], config: dict, prune_at: int, size: int) -> list[
         steps = r["frames"] // 2
         keep = r["keep"] if r["method"].startswith("STTS") else 1.0
         r["vit_gflops"] = vit_flops(config, steps, units_hw, keep, prune_at) / 1e9
-        r["prefill_gflops"] = llm_flops(config, r["video_tokens"] + 20) / 1e9
+        r["prefill_gflops"] = llm_flops(config, r["prompt_tokens"]) / 1e9
         base = by.get((r["frames"], "keep 1.0"))
         if base:
             for key in (

@@ -29,6 +29,15 @@ GRID_SETS = [
 ]
 MASKED = -1e9  # finite: a fully masked (pruned) query row stays finite
 ATOL = 1e-4  # float32 reordering noise here is ~3e-5 on outputs of magnitude ~5
+RELATIVE_NOISE = 2e-5  # ATOL at magnitude 5; float32 noise measured at <= 1e-5 of max |output|
+
+
+def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    """float32 reordering noise grows with the output's scale (Qwen3-VL towers with deepstack
+    reach ~20 where Qwen2.5-VL's reach ~5): the tolerance follows max |ref|, never below ATOL.
+    A wrong mask, position or bias moves outputs by far more (see the bias guard test)."""
+    atol = max(ATOL, RELATIVE_NOISE * ref.abs().max().item())
+    torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
 
 
 def _segment_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
@@ -163,7 +172,7 @@ def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: flo
         packed.embeds, reference, masks, reference_masks, scores, grids, strict=True
     ):
         assert _same_choice_up_to_ties(mask, ref_mask, item_scores, (h // 2) * (w // 2))
-        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+        assert_close_to_reference(ours, ref)
 
 
 @torch.inference_mode()

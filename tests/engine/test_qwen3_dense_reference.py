@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from stts_vllm.core import heuristic_scores, key_bias, retention_mask
 from stts_vllm.pruned_vision import pruned_vision_forward
 from tests.engine.conftest import live_model
-from tests.engine.test_dense_reference import ATOL, MASKED, _same_choice_up_to_ties, _segment_ids
+from tests.engine.test_dense_reference import (
+    MASKED,
+    _same_choice_up_to_ties,
+    _segment_ids,
+    assert_close_to_reference,
+)
 
 # (T, h, w) in patches (16 px): odd unit grids, a 1-step video, several items
 GRID_SETS = [[(4, 10, 14)], [(1, 8, 8)], [(3, 6, 10), (2, 4, 4), (5, 2, 12)]]
@@ -148,7 +153,7 @@ def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: flo
     ):
         assert ours.shape[-1] == levels * model.config.vision_config.out_hidden_size
         assert _same_choice_up_to_ties(mask, ref_mask, item_scores, (h // 2) * (w // 2))
-        torch.testing.assert_close(ours, ref, atol=ATOL, rtol=0)
+        assert_close_to_reference(ours, ref)
 
 
 @torch.inference_mode()

@@ -42,7 +42,12 @@ class Answer(BaseModel):
 
 def test_logprobs(server: Server) -> None:
     reply = server.openai().chat.completions.create(
-        model="stts-demo", messages=USER, max_tokens=4, logprobs=True, top_logprobs=3
+        model="stts-demo",
+        messages=USER,
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
     )
     assert isinstance(reply, ChatCompletion)
     content = reply.choices[0].logprobs.content
@@ -50,7 +55,10 @@ def test_logprobs(server: Server) -> None:
     for token in content:  # vLLM lists the sampled token first, then the most likely ones
         assert token.logprob <= 0 and len(token.top_logprobs) == 3
         assert token.top_logprobs[0].token == token.token
-    assert "".join(t.token for t in content) == reply.choices[0].message.content
+    # a byte-fallback token that is not whole UTF-8 on its own shows as U+FFFD in logprobs and is
+    # left out of the detokenized text: compare the rest
+    joined = "".join(t.token for t in content).replace("\ufffd", "")
+    assert joined == reply.choices[0].message.content.replace("\ufffd", "")
 
 
 def test_logprobs_streaming(server: Server) -> None:
@@ -190,5 +198,6 @@ def test_unknown_fields_are_logged_and_ignored(server: Server) -> None:
         store=True,
         extra_body={"frobnicate": 1},
     )
-    assert reply.choices[0].message.content
+    # the random model's two tokens may decode to nothing visible: check that they were generated
+    assert reply.usage.completion_tokens == 2 and reply.choices[0].finish_reason == "length"
     assert "ignored unknown request fields: ['frobnicate', 'store']" in server.log.read_text()

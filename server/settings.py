@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = Field(None, description="require `Authorization: Bearer <key>`")
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="several accepted keys, each with its own namespace of uploaded files "
+        "(a key lists, reads and deletes only its own files); may be combined with api_key, "
+        "whose files are its own namespace too",
+    )
     max_in_flight: int = Field(64, description="requests admitted at once; more get 429")
     retry_after_seconds: int = 1
     exit_on_engine_death: bool = Field(
@@ -45,7 +51,19 @@ class Settings(BaseSettings):
         description="stop the process (exit status 1) when the engine dies, so Docker or "
         "Kubernetes restarts the server; false keeps it up answering 503",
     )
-    max_request_bytes: int = 64 * 1024 * 1024
+    max_request_bytes: int = Field(
+        64 * 1024 * 1024,
+        description="largest JSON request body (413 while it streams in); uploads are bounded "
+        "by max_video_bytes instead",
+    )
+    request_timeout_seconds: float = Field(
+        900.0, description="whole-request deadline (media loading and generation); 504 after"
+    )
+    drain_seconds: float = Field(
+        30.0,
+        description="on SIGTERM: new requests get 503 while in-flight ones (streams too) get "
+        "this long to finish; keep Kubernetes' terminationGracePeriodSeconds above it",
+    )
 
     # -- OpenAI API (the same knobs as `vllm serve`) --
     tool_call_parser: str | None = Field(
@@ -66,11 +84,27 @@ class Settings(BaseSettings):
     max_video_seconds: float = 3 * 3600.0
     max_video_pixels: int = 8192 * 8192
     max_media_per_message: int = 2
+    max_image_pixels: int = Field(
+        4096 * 4096, description="largest image (or frame-list frame), checked from its header"
+    )
+    decode_workers: int = Field(
+        4, description="threads decoding videos and images (a bounded pool of their own)"
+    )
+    decode_timeout_seconds: float = Field(
+        120.0, description="deadline for decoding one video (400 after, the work stopped)"
+    )
+    max_decoded_frames: int = Field(
+        100_000,
+        description="frames FFmpeg may decode for one video, sampled or skipped (400 after): "
+        "bounds the cost of long or pathological files",
+    )
     remote_media_allowlist: list[str] = Field(
         default_factory=list, description="hosts allowed in http(s) media URLs (empty: none)"
     )
     media_root: Path | None = Field(None, description="root for file:// media URLs (unset: none)")
-    remote_timeout_seconds: float = 20.0
+    remote_timeout_seconds: float = Field(
+        20.0, description="total deadline for fetching one remote media URL (connect to last byte)"
+    )
 
     # -- sampling and STTS --
     fps: float = 2.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -76,16 +77,46 @@ def get_state(request: Request) -> AppState:
     return request.app.state.stts
 
 
-def require_api_key(request: Request) -> None:
-    expected = request.app.state.stts.settings.api_key
-    if expected is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), expected):
+SHARED_OWNER = "shared"
+"""The one file namespace when the server has no per-key namespaces (`api_keys` unset)."""
+
+
+def accepted_keys(settings: Settings) -> list[str]:
+    return [*([settings.api_key] if settings.api_key else []), *settings.api_keys]
+
+
+def key_owner(key: str) -> str:
+    """A key's file namespace: a digest, so the key itself is never written to disk."""
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def authenticate(settings: Settings, authorization: str | None) -> str | None:
+    """The caller's file namespace, or None when the key is missing or wrong. Compared as
+    bytes in constant time: a non-ASCII header is simply a wrong key."""
+    keys = accepted_keys(settings)
+    if not keys:
+        return SHARED_OWNER
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    given = token.strip().encode("utf-8", "surrogateescape")
+    matched = None
+    for key in keys:  # every key compared, so timing does not tell which matched
+        if secrets.compare_digest(given, key.encode()):
+            matched = key
+    if matched is None:
+        return None
+    return key_owner(matched) if settings.api_keys else SHARED_OWNER
+
+
+def require_api_key(request: Request) -> str:
+    """The caller's file namespace (see `authenticate`); 401 without a valid key."""
+    owner = authenticate(request.app.state.stts.settings, request.headers.get("authorization"))
+    if owner is None:
         raise APIError(
             401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"
         )
+    return owner
 
 
 def require_ready(request: Request) -> None:
@@ -99,3 +130,5 @@ def require_ready(request: Request) -> None:
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
+OwnerDep = Annotated[str, Depends(require_api_key)]
+"""The authenticated caller's file namespace (`SHARED_OWNER` unless `api_keys` is set)."""

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from server.engine import EngineService
 from server.errors import install_error_handlers
 from server.file_store import FileStore
+from server.http_guard import RequestGuard
 from server.media import MediaLoader
 from server.routes import chat, files, service
 from server.settings import Settings
@@ -57,6 +58,7 @@ def create_app(settings: Settings, on_engine_death: Callable[[], None] | None = 
     app = FastAPI(title="stts-vllm", version="0.1.0", lifespan=lifespan)
     app.state.stts = state
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, state=state)
     app.include_router(chat.router)
     app.include_router(files.router)
     app.include_router(service.router)

@@ -15,18 +15,21 @@ import asyncio
 import json
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from PIL import Image
 from pydantic import ValidationError
 
 from server.chat_request import FRAME_LIST_SCHEME
 from server.errors import APIError
-from server.frame_sampling import video_tokens
+from server.frame_sampling import FramePlan, video_tokens
 from server.media import LoadedVideo
+from server.media_errors import MediaError
 from server.schemas import STTSOptions, STTSReport, VideoReport
 from server.state import AppState
 from server.video_options import resolve_video_options
+
+T = TypeVar("T")
 
 # Content part types that carry text, as vLLM's parser reads them.
 _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
@@ -85,41 +88,37 @@ def _url(part: dict[str, Any], key: str, where: str, *, frames: bool = False) ->
     raise APIError(400, f"`{where}.{key}.url` is missing or not a URL", param=f"{where}.{key}")
 
 
+@dataclass
+class _MediaItem:
+    """One image or video of the request, in prompt order: first its source, then (phase 1)
+    what its header or probe said, then (phase 2) the decoded media."""
+
+    kind: str  # "image" | "video"
+    url: str | None = None  # an image, or a video file
+    frame_urls: list[str] | None = None  # a video sent as frame images
+    prepared: Any = None
+    plan: FramePlan | None = None  # frame-list videos
+
+
 class _MessageParts:
-    """One message's content parts -> template parts and media loaders, in prompt order. A run
+    """One message's content parts -> template parts and media items, in prompt order. A run
     of image parts becomes one video when the frame options say `frames_as_video`."""
 
-    def __init__(self, state: AppState, options: STTSOptions, keep: float) -> None:
-        self.state = state
-        self.options = options
-        self.keep = keep
-        self.fps = options.fps or state.settings.fps
-        self.loaders: list[tuple[str, Coroutine[Any, Any, Any]]] = []
+    def __init__(self, frames_as_video: bool) -> None:
+        self.frames_as_video = frames_as_video
+        self.items: list[_MediaItem] = []
 
-    def _frames(self, urls: list[str]) -> dict[str, str]:
-        self.loaders.append(("video", self.state.media.frames_video(list(urls), fps=self.fps)))
-        return {"type": "video"}
-
-    def _video(self, url: str) -> dict[str, str]:
-        options, settings = self.options, self.state.settings
-        loader = self.state.media.video(
-            url,
-            fps=self.fps,
-            num_frames=options.num_frames,
-            max_frames=options.max_frames or settings.max_frames,
-            keep_ratio=self.keep,
-            test_time_scaling=options.test_time_scaling,
-        )
-        self.loaders.append(("video", loader))
-        return {"type": "video"}
+    def _add(self, item: _MediaItem) -> dict[str, str]:
+        self.items.append(item)
+        return {"type": item.kind}
 
     def convert(self, parts: list[Any], where: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         frames: list[str] = []
         for j, part in enumerate([*parts, None]):  # None flushes a trailing frame run
             kind = part.get("type") if isinstance(part, dict) else None
-            if frames and not (kind == "image_url" and self.options.frames_as_video):
-                out.append(self._frames(frames))
+            if frames and not (kind == "image_url" and self.frames_as_video):
+                out.append(self._add(_MediaItem("video", frame_urls=frames)))
                 frames = []
             if part is None:
                 break
@@ -127,15 +126,16 @@ class _MessageParts:
                 out.append({"type": "text", "text": part})
             elif kind in _TEXT_PARTS:
                 out.append({"type": "text", "text": part.get(_TEXT_PARTS[kind]) or ""})
-            elif kind == "image_url" and self.options.frames_as_video:
+            elif kind == "image_url" and self.frames_as_video:
                 frames.append(_url(part, kind, f"{where}.{j}"))
             elif kind == "image_url":
-                url = _url(part, kind, f"{where}.{j}")
-                self.loaders.append(("image", self.state.media.image(url)))
-                out.append({"type": "image"})
+                out.append(self._add(_MediaItem("image", url=_url(part, kind, f"{where}.{j}"))))
             elif kind == "video_url":
                 url = _url(part, kind, f"{where}.{j}", frames=True)
-                out.append(self._frames(url) if isinstance(url, list) else self._video(url))
+                if isinstance(url, list):
+                    out.append(self._add(_MediaItem("video", frame_urls=url)))
+                else:
+                    out.append(self._add(_MediaItem("video", url=url)))
             else:
                 raise APIError(
                     400,
@@ -168,43 +168,140 @@ def _conversation_message(message: dict[str, Any], content: Any) -> dict[str, An
     return out
 
 
-def _close(loaders: list[tuple[str, Coroutine[Any, Any, Any]]]) -> None:
-    for _, coroutine in loaders:
-        coroutine.close()
+async def _all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
+    """Run concurrently; the first failure cancels the rest (their decoders stop) and is
+    raised as itself, not as an exception group."""
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(c) for c in coroutines]
+    except BaseExceptionGroup as group_error:
+        errors = group_error.exceptions
+        raise next((e for e in errors if isinstance(e, APIError | MediaError)), errors[0]) from None
+    return [task.result() for task in tasks]
+
+
+def _check_counts(items: list[_MediaItem], settings: Any) -> None:
+    """The request's media count, before anything is fetched."""
+    for kind, limit, name in (
+        ("video", settings.limit_videos_per_prompt, "limit_videos_per_prompt"),
+        ("image", settings.limit_images_per_prompt, "limit_images_per_prompt"),
+    ):
+        count = sum(item.kind == kind for item in items)
+        if count > limit:
+            raise APIError(
+                400,
+                f"the request has {count} {kind}s; this server takes at most {limit} per "
+                f"request ({name})",
+                param="messages",
+                code="too_many_media",
+            )
+    for item in items:
+        if item.frame_urls is not None and len(item.frame_urls) > settings.max_frames:
+            raise APIError(
+                400,
+                f"a video of {len(item.frame_urls)} frame images exceeds this server's limit "
+                f"of {settings.max_frames} frames per video",
+                param="messages",
+                code="too_many_frames",
+            )
+
+
+class _Loader:
+    """Phase 1 (`prepare`: fetch, header/probe, plan) and phase 2 (`load`: decode) of one
+    request's media, with the request's options."""
+
+    def __init__(self, state: AppState, options: STTSOptions, keep: float, owner: str) -> None:
+        self.media = state.media
+        self.settings = state.settings
+        self.options = options
+        self.keep = keep
+        self.owner = owner
+        self.fps = options.fps or state.settings.fps
+
+    async def prepare(self, item: _MediaItem) -> None:
+        media = self.media
+        if item.kind == "image":
+            item.prepared = await media.prepare_image(item.url, self.owner)
+        elif item.frame_urls is not None:
+            images = [await media.prepare_image(url, self.owner) for url in item.frame_urls]
+            item.prepared, item.plan = images, media.frames_plan(images)
+        else:
+            options = self.options
+            item.prepared = await media.prepare_video(
+                item.url,
+                owner=self.owner,
+                fps=self.fps,
+                num_frames=options.num_frames,
+                max_frames=options.max_frames or self.settings.max_frames,
+                keep_ratio=self.keep,
+                test_time_scaling=options.test_time_scaling,
+            )
+            item.plan = item.prepared.plan
+
+    async def load(self, item: _MediaItem) -> Any:
+        if item.kind == "image":
+            return await self.media.load_image(item.prepared)
+        if item.frame_urls is not None:
+            return await self.media.load_frames(item.prepared, item.plan, fps=self.fps)
+        return await self.media.load_video(item.prepared)
+
+
+def _check_video_tokens(items: list[_MediaItem], keep: float, state: AppState) -> None:
+    """The planned videos' tokens after pruning, against the context, before any decoding:
+    a request that cannot fit is refused while it is still cheap."""
+    geometry = state.engine.facts.geometry
+    total = 0
+    for item in items:
+        if item.plan is not None:
+            total += video_tokens(item.plan.num_frames, item.plan.size, geometry, keep)[2]
+    limit = state.settings.max_model_len
+    if total > limit:
+        raise APIError(
+            400,
+            f"the request's videos need {total} tokens after pruning, more than the model's "
+            f"context of {limit} (max_model_len); ask for fewer frames (stts.num_frames / "
+            "stts.max_frames) or fewer videos",
+            param="messages",
+            code="context_length_exceeded",
+        )
 
 
 async def load_chat(body: Any, state: AppState) -> LoadedChat:
-    """The conversation with media placeholders, the loaded media and the STTS report."""
-    options = resolve_video_options(body)
+    """The conversation with media placeholders, the loaded media and the STTS report.
+
+    The whole request is admitted before its costly part: media counted before any fetch,
+    every item fetched and probed (one frame each) and its token cost checked before any
+    video is decoded."""
+    options = resolve_video_options(body, state.settings.max_frames)
     keep = resolve_keep_ratio(options, state)
     limit = state.settings.max_media_per_message
     conversation: list[dict[str, Any]] = []
-    loaders: list[tuple[str, Coroutine[Any, Any, Any]]] = []
-    try:
-        for index, message in enumerate(body.messages):
-            content = message.get("content")
-            where = f"messages.{index}.content"
-            if content is not None and not isinstance(content, str):
-                parts = _MessageParts(state, options, keep)
-                content = parts.convert(_parts(content, where), where)
-                loaders.extend(parts.loaders)
-                if len(parts.loaders) > limit:
-                    raise APIError(
-                        400,
-                        f"message {index} has {len(parts.loaders)} images/videos; at "
-                        f"most {limit} per message",
-                        param=where,
-                        code="too_many_media",
-                    )
-            conversation.append(_conversation_message(message, content))
-    except BaseException:
-        _close(loaders)
-        raise
+    items: list[_MediaItem] = []
+    for index, message in enumerate(body.messages):
+        content = message.get("content")
+        where = f"messages.{index}.content"
+        if content is not None and not isinstance(content, str):
+            parts = _MessageParts(options.frames_as_video)
+            content = parts.convert(_parts(content, where), where)
+            if len(parts.items) > limit:
+                raise APIError(
+                    400,
+                    f"message {index} has {len(parts.items)} images/videos; at "
+                    f"most {limit} per message",
+                    param=where,
+                    code="too_many_media",
+                )
+            items.extend(parts.items)
+        conversation.append(_conversation_message(message, content))
+    _check_counts(items, state.settings)
 
-    loaded = await asyncio.gather(*(coroutine for _, coroutine in loaders))
-    kinds = [kind for kind, _ in loaders]
-    images: list[Image.Image] = [m for k, m in zip(kinds, loaded, strict=True) if k == "image"]
-    videos: list[LoadedVideo] = [m for k, m in zip(kinds, loaded, strict=True) if k == "video"]
+    loader = _Loader(state, options, keep, body.served.owner)
+    await _all([loader.prepare(item) for item in items])
+    _check_video_tokens(items, keep, state)
+    loaded = await _all([loader.load(item) for item in items])
+
+    images: list[Image.Image] = [m for i, m in zip(items, loaded, strict=True) if i.kind == "image"]
+    videos: list[LoadedVideo] = [m for i, m in zip(items, loaded, strict=True) if i.kind == "video"]
     mm_data: dict[str, Any] = {}
     if images:
         mm_data["image"] = images

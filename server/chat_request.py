@@ -16,6 +16,7 @@ from pydantic import PrivateAttr, model_validator
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.exceptions import VLLMValidationError
 
+from server.auth import SHARED_OWNER
 from server.schemas import STTSOptions, STTSReport
 
 # OpenAI's documented range; vLLM clamps instead of refusing.
@@ -58,6 +59,7 @@ class ServedFacts:
     first_token_at: float | None = None
     decode_seconds: float | None = None
     completion_tokens: int = 0
+    owner: str = SHARED_OWNER  # whose uploaded files the request may use
 
 
 class ChatRequest(ChatCompletionRequest):

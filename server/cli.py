@@ -5,14 +5,37 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from types import FrameType
+from typing import TYPE_CHECKING
 
+import uvicorn
 from pydantic_settings import CliApp
 
 from server.settings import Settings
 
+if TYPE_CHECKING:
+    from server.state import AppState
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's graceful shutdown (stop listening, let in-flight requests finish within
+    `drain_seconds`), plus: requests that still arrive on open connections get 503 at once."""
+
+    def __init__(self, config: uvicorn.Config, state: AppState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if not self.state.draining:
+            logging.getLogger(__name__).info(
+                "draining: new requests get 503, in-flight ones have %.0f s",
+                self.state.settings.drain_seconds,
+            )
+        self.state.draining = True
+        super().handle_exit(sig, frame)
+
 
 def main(argv: list[str] | None = None) -> None:
-    import uvicorn
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -41,9 +64,12 @@ def main(argv: list[str] | None = None) -> None:
 
     app = create_app(settings, on_engine_death=stop)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, timeout_graceful_shutdown=10
+        app,
+        host=settings.host,
+        port=settings.port,
+        timeout_graceful_shutdown=max(1, round(settings.drain_seconds)),
     )
-    server = uvicorn.Server(config)
+    server = _DrainingServer(config, app.state.stts)
     server.run()
     if app.state.stts.engine.dead:
         raise SystemExit("stts-serve: the inference engine died; exiting so it can be restarted")

@@ -15,11 +15,14 @@ import hashlib
 import io
 import ipaddress
 import socket
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -27,12 +30,15 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from server import metrics
+from server.auth import SHARED_OWNER
 from server.file_store import FileStore
 from server.frame_sampling import FramePlan, VisionGeometry, frame_size, plan_frames
 from server.media_errors import MediaError
 from server.settings import Settings
-from server.video_decode import DecodedVideo, VideoInfo, decode, probe
+from server.video_decode import DecodeBudget, DecodedVideo, VideoInfo, decode, probe
 from stts_vllm.video_inputs import timed_video_metadata, video_metadata
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,20 +111,64 @@ def _check_public_host(host: str) -> None:
             raise MediaError("forbidden_url", f"{host!r} resolves to a non-public address")
 
 
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image whose header was read (size checked) but whose pixels are not decoded yet."""
+
+    data: bytes | Path
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class PreparedVideo:
+    """A video probed and planned, not decoded: what the request's budget is checked on."""
+
+    media: MediaBytes
+    info: VideoInfo
+    plan: FramePlan
+    fps: float
+
+
 class MediaLoader:
+    """Loads a request's media in two phases so its whole cost is known before the costly
+    part: `prepare_*` (fetch, probe, plan: bounded, cheap) for every item, then `load_*`
+    (decode). Blocking work runs on a bounded pool of its own, never on the event loop or the
+    default executor; a cancelled load (the client left, the deadline passed) stops its
+    decoder at the next frame."""
+
     def __init__(self, settings: Settings, files: FileStore, geometry: VisionGeometry) -> None:
         self.settings = settings
         self.files = files
         self.geometry = geometry
         self.cache = DecodedCache(settings.decoded_cache_bytes)
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, settings.decode_workers), thread_name_prefix="stts-decode"
+        )
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def _budgeted(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args, budget)` on the pool, stopped at its next frame if we are cancelled."""
+        cancelled = threading.Event()
+        budget = DecodeBudget(
+            deadline=time.monotonic() + self.settings.decode_timeout_seconds,
+            max_frames=self.settings.max_decoded_frames,
+            cancelled=cancelled,
+        )
+        try:
+            return await self._run(fn, *args, budget)
+        except BaseException:
+            cancelled.set()
+            raise
 
     # -- sources --
 
-    async def fetch(self, url: str) -> MediaBytes:
+    async def fetch(self, url: str, owner: str = SHARED_OWNER) -> MediaBytes:
         limit = self.settings.max_video_bytes
         if url.startswith("data:"):
-            data, mime = _parse_data_url(url, limit)
-            return MediaBytes(data, mime, hashlib.sha256(data).hexdigest())
+            return await self._run(_data_url_media, url, limit)
         if url.startswith("file-"):
             record = self.files.get(url)
             return MediaBytes(self.files.data_path(record.id), None, self.files.digest(record.id))
@@ -140,8 +190,11 @@ class MediaLoader:
         resolved = path.resolve()
         if not resolved.is_relative_to(root.resolve()) or not resolved.is_file():
             raise MediaError("forbidden_url", "file:// URL is outside the media root or missing")
-        data = await asyncio.to_thread(resolved.read_bytes)
-        return MediaBytes(data, None, hashlib.sha256(data).hexdigest())
+        if resolved.stat().st_size > self.settings.max_video_bytes:
+            raise MediaError(
+                "media_too_large", f"media exceeds {self.settings.max_video_bytes} bytes", 413
+            )
+        return await self._run(_file_media, resolved)
 
     async def _remote(self, url: str, host: str) -> MediaBytes:
         if host not in self.settings.remote_media_allowlist:
@@ -167,27 +220,34 @@ class MediaLoader:
             raise MediaError("fetch_failed", f"fetching media failed ({exc})") from exc
         data = bytes(buffer)
         mime = response.headers.get("content-type", "").split(";")[0].strip().lower() or None
-        return MediaBytes(data, mime, hashlib.sha256(data).hexdigest())
+        return MediaBytes(data, mime, await self._run(_sha256, data))
 
     # -- images --
 
-    async def image(self, url: str) -> Image.Image:
-        media = await self.fetch(url)
+    async def prepare_image(self, url: str, owner: str = SHARED_OWNER) -> PreparedImage:
+        media = await self.fetch(url, owner)
         if media.mime is not None and not media.mime.startswith("image/"):
             raise MediaError("wrong_mime_type", f"image_url carries {media.mime!r}, not an image")
-        return await asyncio.to_thread(self._open_image, media.data)
+        return await self._run(self._image_header, media.data)
 
-    def _open_image(self, data: bytes | Path) -> Image.Image:
+    def _image_header(self, data: bytes | Path) -> PreparedImage:
+        """Size from the header only: nothing is decoded before the whole request's budget
+        is checked."""
         try:
             with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-                if image.width * image.height > self.settings.max_video_pixels:
-                    raise MediaError(
-                        "media_too_large",
-                        f"image of {image.width}x{image.height} exceeds the pixel limit",
-                    )
-                return image.convert("RGB")
+                width, height = image.size
         except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise MediaError("invalid_image", f"not a readable image ({exc})") from exc
+        if width * height > self.settings.max_image_pixels:
+            raise MediaError(
+                "media_too_large",
+                f"image of {width}x{height} exceeds the {self.settings.max_image_pixels} "
+                "pixel limit",
+            )
+        return PreparedImage(data, width, height)
+
+    async def load_image(self, prepared: PreparedImage) -> Image.Image:
+        return await self._run(_decode_image, prepared.data)
 
     # -- videos --
 
@@ -239,23 +299,24 @@ class MediaLoader:
             return timed_video_metadata(times, duration or times[-1], backend="pyav")
         return video_metadata(len(times), fps, backend="pyav")
 
-    async def video(
+    async def prepare_video(
         self,
         url: str,
         *,
+        owner: str = SHARED_OWNER,
         fps: float,
         num_frames: int | None,
         max_frames: int,
         keep_ratio: float,
         test_time_scaling: bool | None,
-    ) -> LoadedVideo:
-        """Probe, plan and decode (cached). `test_time_scaling=None`: on for long videos."""
-        media = await self.fetch(url)
+    ) -> PreparedVideo:
+        """Fetch, probe (one frame) and plan. `test_time_scaling=None`: on for long videos."""
+        media = await self.fetch(url, owner)
         if media.mime is not None and not (
             media.mime.startswith("video/") or media.mime in ("image/gif",)
         ):
             raise MediaError("wrong_mime_type", f"video_url carries {media.mime!r}, not a video")
-        info = await asyncio.to_thread(probe, media.data)
+        info = await self._budgeted(probe, media.data)
         self._check_limits(info)
         if test_time_scaling is None:
             test_time_scaling = (
@@ -270,31 +331,72 @@ class MediaLoader:
             keep_ratio=keep_ratio,
             test_time_scaling=test_time_scaling,
         )
+        return PreparedVideo(media, info, plan, fps)
+
+    async def load_video(self, prepared: PreparedVideo) -> LoadedVideo:
+        """Decode the planned frames (or take them from the cache)."""
+        media, info, plan = prepared.media, prepared.info, prepared.plan
         key = (media.digest, tuple(round(t, 4) for t in plan.times), plan.size)
         decoded = self.cache.get(key)
         hit = decoded is not None
         if decoded is None:
             start = time.perf_counter()
-            decoded = await asyncio.to_thread(decode, media.data, plan.times, plan.size, info)
+            decoded = await self._budgeted(decode, media.data, plan.times, plan.size, info)
             metrics.DECODE_SECONDS.observe(time.perf_counter() - start)
             self.cache.put(key, decoded)
         metrics.DECODES.labels(cache="hit" if hit else "miss").inc()
         span = plan.times[-1] - plan.times[0] if plan.num_frames > 1 else 0.0
-        fps_sampled = (plan.num_frames - 1) / span if span > 0 else fps
+        fps_sampled = (plan.num_frames - 1) / span if span > 0 else prepared.fps
         metadata = self._metadata(decoded.times, fps_sampled, info.duration)
         return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit, metadata)
 
-    async def frames_video(self, urls: list[str], *, fps: float) -> LoadedVideo:
-        """A video sent as a run of frame images (time order), e.g. lmms-eval's clients."""
-        images = [await self.image(url) for url in urls]
+    def frames_plan(self, images: list[PreparedImage]) -> FramePlan:
+        """A video sent as a run of frame images: every frame scaled to the first's size."""
         first = images[0]
-        size = frame_size(first.height, first.width, self.geometry, len(images))
-        frames = np.stack(
-            [np.asarray(im.resize((size[1], size[0]), Image.Resampling.BICUBIC)) for im in images]
-        )
+        try:
+            size = frame_size(first.height, first.width, self.geometry, len(images))
+        except ValueError as exc:  # e.g. a 1x250 image: no patch grid fits
+            raise MediaError("invalid_image", f"frame image cannot be used: {exc}") from exc
+        return FramePlan(times=[0.0] * len(images), size=size, test_time_scaled=False)
+
+    async def load_frames(
+        self, images: list[PreparedImage], plan: FramePlan, *, fps: float
+    ) -> LoadedVideo:
+        """A video sent as a run of frame images (time order), e.g. lmms-eval's clients."""
+        frames = await self._run(_frame_stack, [i.data for i in images], plan.size)
         times = [i / fps for i in range(len(images))]
-        plan = FramePlan(times=times, size=size, test_time_scaled=False)
+        plan = dataclasses.replace(plan, times=times)
         metrics.DECODES.labels(cache="miss").inc()
         duration = len(images) / fps
         metadata = self._metadata(times, fps, duration)
         return LoadedVideo(frames, fps, duration, plan, False, metadata)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _data_url_media(url: str, limit: int) -> MediaBytes:
+    data, mime = _parse_data_url(url, limit)
+    return MediaBytes(data, mime, _sha256(data))
+
+
+def _file_media(path: Path) -> MediaBytes:
+    data = path.read_bytes()
+    return MediaBytes(data, None, _sha256(data))
+
+
+def _decode_image(data: bytes | Path) -> Image.Image:
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise MediaError("invalid_image", f"not a readable image ({exc})") from exc
+
+
+def _frame_stack(images: list[bytes | Path], size: tuple[int, int]) -> np.ndarray:
+    frames = []
+    for data in images:
+        image = _decode_image(data)
+        frames.append(np.asarray(image.resize((size[1], size[0]), Image.Resampling.BICUBIC)))
+    return np.stack(frames)

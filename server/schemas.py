@@ -100,4 +100,4 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "starting", "unavailable", "engine_dead"]
+    status: Literal["ok", "starting", "unavailable", "engine_dead", "draining"]

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
-import secrets
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
 from server import metrics
+from server.auth import SHARED_OWNER as SHARED_OWNER
+from server.auth import authenticate
 from server.engine import EngineService
 from server.errors import ENGINE_DEAD, APIError
 from server.file_store import FileStore
@@ -71,42 +71,11 @@ class AppState:
     media: MediaLoader
     admission: Admission
     chat: Any = None  # vLLM's chat serving over the engine (`server.vllm_compat`), once started
+    draining: bool = False  # SIGTERM came: new API requests get 503, in-flight ones finish
 
 
 def get_state(request: Request) -> AppState:
     return request.app.state.stts
-
-
-SHARED_OWNER = "shared"
-"""The one file namespace when the server has no per-key namespaces (`api_keys` unset)."""
-
-
-def accepted_keys(settings: Settings) -> list[str]:
-    return [*([settings.api_key] if settings.api_key else []), *settings.api_keys]
-
-
-def key_owner(key: str) -> str:
-    """A key's file namespace: a digest, so the key itself is never written to disk."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-def authenticate(settings: Settings, authorization: str | None) -> str | None:
-    """The caller's file namespace, or None when the key is missing or wrong. Compared as
-    bytes in constant time: a non-ASCII header is simply a wrong key."""
-    keys = accepted_keys(settings)
-    if not keys:
-        return SHARED_OWNER
-    scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer":
-        return None
-    given = token.strip().encode("utf-8", "surrogateescape")
-    matched = None
-    for key in keys:  # every key compared, so timing does not tell which matched
-        if secrets.compare_digest(given, key.encode()):
-            matched = key
-    if matched is None:
-        return None
-    return key_owner(matched) if settings.api_keys else SHARED_OWNER
 
 
 def require_api_key(request: Request) -> str:

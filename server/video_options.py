@@ -64,8 +64,12 @@ def _sources(body: Any) -> list[tuple[str, str, Any]]:
     return found
 
 
-def resolve_video_options(body: Any) -> STTSOptions:
-    """The request's frame options, all sources merged; 400 on a bad value or a conflict."""
+def resolve_video_options(body: Any, max_frames: int | None = None) -> STTSOptions:
+    """The request's frame options, all sources merged; 400 on a bad value or a conflict.
+
+    With the server's `max_frames`: a client's `num_frames` above it is refused (400 naming
+    the limit: silently taking fewer frames would change the answer), a client's own
+    `max_frames` above it is lowered to it (a bound is still honoured)."""
     chosen: dict[str, tuple[str, Any]] = {}
     for param, name, value in _sources(body):
         if name in chosen and chosen[name][1] != value:
@@ -79,7 +83,7 @@ def resolve_video_options(body: Any) -> STTSOptions:
             )
         chosen.setdefault(name, (param, value))
     try:
-        return STTSOptions(**{name: value for name, (_, value) in chosen.items()})
+        options = STTSOptions(**{name: value for name, (_, value) in chosen.items()})
     except ValidationError as exc:
         error = exc.errors()[0]
         name = str(error["loc"][0]) if error.get("loc") else ""
@@ -87,3 +91,17 @@ def resolve_video_options(body: Any) -> STTSOptions:
         raise APIError(
             400, f"{error['msg']} at `{param}`", param=param, code="invalid_request"
         ) from exc
+    if max_frames is None:
+        return options
+    if options.num_frames is not None and options.num_frames > max_frames:
+        param = chosen["num_frames"][0]
+        raise APIError(
+            400,
+            f"{param}={options.num_frames} exceeds this server's limit of {max_frames} frames "
+            "per video",
+            param=param,
+            code="too_many_frames",
+        )
+    if options.max_frames is not None and options.max_frames > max_frames:
+        options = options.model_copy(update={"max_frames": max_frames})
+    return options

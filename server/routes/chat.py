@@ -21,7 +21,7 @@ from server import metrics
 from server.chat_request import ChatRequest
 from server.errors import ENGINE_DEAD, APIError, error_body, error_code
 from server.schemas import STTSReport
-from server.state import StateDep, Ticket, require_api_key, require_ready
+from server.state import OwnerDep, StateDep, Ticket, require_api_key, require_ready
 from server.video_options import resolve_video_options
 from server.vllm_compat import error_fields, sampling_error
 
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 router = APIRouter(dependencies=[Depends(require_api_key), Depends(require_ready)])
 ROUTE = "/v1/chat/completions"
+
+_DONE = "data: [DONE]\n\n"
 
 # What vLLM's serving may raise for a bad request (it maps them to 4xx/5xx the same way).
 _VLLM_ERRORS = (VLLMError, ValueError, TypeError, OverflowError, NotImplementedError)
@@ -52,12 +54,11 @@ class _Timing:
             ticket.started()
             metrics.TIME_TO_FIRST_TOKEN.observe(at - self.start)
 
-    def finish(self, completion_tokens: int, status: int) -> None:
+    def finish(self, completion_tokens: int) -> None:
+        """Requests and their latency are counted by `server.http_guard`, once each."""
         end = time.monotonic()
         if self.first is not None and completion_tokens > 1:
             metrics.TIME_PER_OUTPUT_TOKEN.observe((end - self.first) / (completion_tokens - 1))
-        metrics.REQUEST_SECONDS.labels(route=ROUTE).observe(end - self.start)
-        metrics.REQUESTS.labels(route=ROUTE, status=str(status)).inc()
 
 
 def _record_video_tokens(report: STTSReport | None) -> None:
@@ -69,12 +70,26 @@ def _record_video_tokens(report: STTSReport | None) -> None:
     metrics.TOKENS_SAVED.inc(report.tokens_saved)
 
 
-async def _until_disconnect(request: Request, work: asyncio.Future) -> Any:
-    """Awaits `work`, cancelling it (which aborts the engine request) if the client leaves."""
+def _deadline_error(state: Any) -> APIError:
+    limit = state.settings.request_timeout_seconds
+    return APIError(
+        504, f"request exceeded the server's {limit:g} s deadline", code="deadline_exceeded"
+    )
+
+
+async def _until_disconnect(
+    request: Request, work: asyncio.Future, deadline: float, state: Any
+) -> Any:
+    """Awaits `work`, cancelling it (which aborts the engine request and stops media work) if
+    the client leaves or the request's deadline passes."""
     while True:
-        done, _ = await asyncio.wait({work}, timeout=0.5)
+        wait = min(0.5, max(0.0, deadline - time.monotonic()))
+        done, _ = await asyncio.wait({work}, timeout=wait)
         if done:
             return work.result()
+        if time.monotonic() >= deadline:
+            work.cancel()
+            raise _deadline_error(state)
         if await request.is_disconnected():
             work.cancel()
             raise APIError(499, "client disconnected", code="client_closed_request")
@@ -92,14 +107,17 @@ def _check_request(body: ChatRequest, state: Any) -> None:
         )
     if body.model_extra:
         logger.info("ignored unknown request fields: %s", sorted(body.model_extra))
-    resolve_video_options(body)
+    resolve_video_options(body, state.settings.max_frames)
     if (exc := sampling_error(body, state.chat)) is not None:
         raise _from_vllm(exc)
 
 
 @router.post(ROUTE)
-async def chat_completions(body: ChatRequest, request: Request, state: StateDep) -> Any:
+async def chat_completions(
+    body: ChatRequest, request: Request, state: StateDep, owner: OwnerDep
+) -> Any:
     _check_request(body, state)
+    body.served.owner = owner
     if body.user:
         logger.info("chat completion for user %r", body.user)
     ticket = state.admission.acquire()
@@ -110,7 +128,7 @@ async def chat_completions(body: ChatRequest, request: Request, state: StateDep)
         dead = isinstance(exc, EngineDeadError)
         error = _from_vllm(exc) if isinstance(exc, _VLLM_ERRORS) and not dead else exc
         ticket.release()
-        timing.finish(0, error.status if isinstance(error, APIError) else 503 if dead else 500)
+        timing.finish(0)
         if error is exc:
             raise
         raise error from exc
@@ -123,8 +141,9 @@ async def _respond(
     body: ChatRequest, request: Request, state: Any, ticket: Ticket, timing: _Timing
 ) -> JSONResponse | StreamingResponse:
     """vLLM's answer with our report; a stream takes over the ticket and the timing."""
+    deadline = timing.start + state.settings.request_timeout_seconds
     work = asyncio.ensure_future(state.chat.create_chat_completion(body, request))
-    result = await _until_disconnect(request, work)
+    result = await _until_disconnect(request, work, deadline, state)
     served = body.served
     if isinstance(result, VLLMErrorResponse):
         raise APIError(
@@ -137,18 +156,19 @@ async def _respond(
         if served.decode_seconds is not None:  # non-streaming sees one, final output
             timing.first_token(ticket, time.monotonic() - served.decode_seconds)
         _record_video_tokens(served.stts)
-        timing.finish(result.usage.completion_tokens, 200)
+        timing.finish(result.usage.completion_tokens)
         content = result.model_dump()
         if served.stts is not None:
             content["stts"] = served.stts.model_dump()
         return JSONResponse(content)
-    first = await _until_disconnect(request, asyncio.ensure_future(anext(result)))
+    first = await _until_disconnect(request, asyncio.ensure_future(anext(result)), deadline, state)
     if (error := _error_event(first)) is not None:
         await result.aclose()
         raise error  # nothing streamed yet: an HTTP error rather than a 200 with an error
     _record_video_tokens(served.stts)
     return StreamingResponse(
-        _stream(body, first, result, ticket, timing, state), media_type="text/event-stream"
+        _stream(body, first, result, ticket, timing, state, request),
+        media_type="text/event-stream",
     )
 
 
@@ -185,6 +205,7 @@ async def _stream(
     ticket: Ticket,
     timing: _Timing,
     state: Any,
+    request: Request,
 ) -> AsyncIterator[str]:
     """vLLM's SSE events, as they come, with the `stts` report added to the usage chunk and
     error events in our error shape; vLLM ends every stream, failed or not, with `[DONE]`.
@@ -206,11 +227,22 @@ async def _stream(
                     data["stts"] = body.served.stts.model_dump()
                 event = f"data: {json.dumps(data)}\n\n"
             yield event
-            event = await anext(events, None)
+            if event == _DONE:
+                break
+            remaining = timing.start + state.settings.request_timeout_seconds - time.monotonic()
+            try:
+                event = await asyncio.wait_for(anext(events, None), max(0.0, remaining))
+            except TimeoutError:
+                status = 504
+                yield _our_error_event(_deadline_error(state), False)
+                yield _DONE
+                break
     except (asyncio.CancelledError, GeneratorExit):
         status = 499
         raise
     finally:
         await events.aclose()
         ticket.release()
-        timing.finish(body.served.completion_tokens, status)
+        timing.finish(body.served.completion_tokens)
+        if status != 200:  # the 200 went out first: count the request as what it became
+            request.state.stts_status = status

@@ -31,9 +31,12 @@ async def health(state: StateDep) -> JSONResponse:
 
 @router.get("/ready", response_model=Health)
 async def ready(state: StateDep) -> JSONResponse:
-    """Readiness: the engine is loaded and accepting requests."""
+    """Readiness: the engine is loaded and accepting requests (not while draining, so a load
+    balancer stops sending new ones)."""
     if state.engine.dead:
         return JSONResponse(Health(status="engine_dead").model_dump(), status_code=503)
+    if state.draining:
+        return JSONResponse(Health(status="draining").model_dump(), status_code=503)
     if state.engine.ready.is_set():
         return JSONResponse(Health(status="ok").model_dump())
     return JSONResponse(Health(status="starting").model_dump(), status_code=503)

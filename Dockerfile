@@ -13,7 +13,7 @@ COPY pyproject.toml README.md ./
 COPY stts_vllm ./stts_vllm
 COPY server ./server
 # vLLM, torch and most dependencies come with the base image; add only what is missing.
-RUN pip install --no-cache-dir "av==18.*" "pydantic-settings>=2" . \
+RUN pip install --no-cache-dir "av>=18.1,<19" "pydantic-settings>=2" . \
     && useradd --create-home --uid 10001 stts \
     && mkdir -p /data/files && chown stts /data/files
 USER 10001

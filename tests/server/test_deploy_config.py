@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,8 @@ import yaml
 from tests.server.conftest import Server
 from tests.server.test_chat_api import metric_values
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 METRIC = re.compile(r"\b(stts_[a-z_]+|vllm:[a-z_]+)\b")
 RECORDED = re.compile(r"\b(stts:[a-z0-9_:]+)\b")
 
@@ -112,6 +114,7 @@ def test_kubernetes_manifests_match_the_api_schemas(path: str) -> None:
         "grafana/provisioning/datasources/prometheus.yml",
         "grafana/provisioning/dashboards/dashboards.yml",
         "k8s/prometheus-adapter-values.yaml",
+        "alertmanager/alertmanager.yml",
     ],
 )
 def test_other_yaml_files_parse(path: str) -> None:
@@ -125,3 +128,219 @@ def test_dockerfile_lints_clean() -> None:
         [_tool("hadolint"), str(DEPLOY.parent / "Dockerfile")], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- Production settings that must not regress (static: no server, no cluster) --------------
+
+
+def _k8s(kind: str) -> list[dict]:
+    docs = yaml.safe_load_all((DEPLOY / "k8s/deployment.yaml").read_text())
+    return [doc for doc in docs if doc and doc["kind"] == kind]
+
+
+def _deployment() -> dict:
+    (deployment,) = _k8s("Deployment")
+    return deployment
+
+
+def _container() -> dict:
+    (container,) = _deployment()["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def _env(container: dict) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in container.get("env", []) if "value" in item}
+
+
+def _pre_stop_seconds(container: dict) -> float:
+    """The preStop hook's sleep: `exec: sleep N` or Kubernetes' own `sleep: {seconds: N}`."""
+    hook = container["lifecycle"]["preStop"]
+    if "sleep" in hook:
+        return float(hook["sleep"]["seconds"])
+    command = hook["exec"]["command"]
+    assert command[0] == "sleep" and len(command) == 2, command
+    return float(command[1])
+
+
+def test_the_grace_period_covers_pre_stop_and_drain() -> None:
+    spec = _deployment()["spec"]["template"]["spec"]
+    container = _container()
+    pre_stop = _pre_stop_seconds(container)
+    drain = float(_env(container)["STTS_DRAIN_SECONDS"])  # set explicitly, not the default
+    assert pre_stop > 0 and drain > 0
+    # The grace period counts from the start of preStop; SIGKILL comes at its end.
+    assert spec["terminationGracePeriodSeconds"] > pre_stop + drain, (spec, pre_stop, drain)
+
+
+def test_compose_stop_grace_covers_the_drain() -> None:
+    stts = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["stts"]
+    drain = float(stts["environment"]["STTS_DRAIN_SECONDS"])
+    grace = re.fullmatch(r"(\d+)s", stts["stop_grace_period"])
+    assert grace and int(grace[1]) > drain, stts
+
+
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+
+
+def _quantity(value: str | int) -> float:
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match, value
+    return float(match[1]) * _UNITS[match[2]]
+
+
+def test_pods_have_bounded_resources() -> None:
+    resources = _container()["resources"]
+    requests, limits = resources["requests"], resources["limits"]
+    for name in ("memory", "ephemeral-storage", "nvidia.com/gpu"):
+        assert name in limits and name in requests, (name, resources)
+        assert _quantity(requests[name]) <= _quantity(limits[name]), (name, resources)
+    # /dev/shm is tmpfs: its pages count against the memory limit, which must leave room.
+    shm = next(
+        v for v in _deployment()["spec"]["template"]["spec"]["volumes"] if v["name"] == "shm"
+    )
+    assert _quantity(limits["memory"]) > _quantity(shm["emptyDir"]["sizeLimit"])
+
+
+def test_pods_run_unprivileged() -> None:
+    pod = _deployment()["spec"]["template"]["spec"]
+    container = _container()
+    context = container["securityContext"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert context["allowPrivilegeEscalation"] is False
+    assert context["capabilities"]["drop"] == ["ALL"] and not context["capabilities"].get("add")
+    seccomp = context.get("seccompProfile") or pod["securityContext"].get("seccompProfile")
+    assert seccomp == {"type": "RuntimeDefault"}
+    if context.get("readOnlyRootFilesystem"):
+        # Everything the server and vLLM write must then be a volume: uploads, $HOME's
+        # caches (vLLM, Triton, FlashInfer) and /tmp (torch.compile).
+        writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+        home = _env(container)["HOME"]
+        needed = {_env(container)["STTS_FILES_DIR"], home, "/tmp", "/dev/shm"}
+        assert needed <= writable, (needed, writable)
+
+
+def test_a_disruption_budget_covers_the_deployment() -> None:
+    (budget,) = _k8s("PodDisruptionBudget")
+    labels = _deployment()["spec"]["template"]["metadata"]["labels"]
+    selector = budget["spec"]["selector"]["matchLabels"]
+    assert selector and selector.items() <= labels.items(), (selector, labels)
+    spec = budget["spec"]
+    assert ("maxUnavailable" in spec) != ("minAvailable" in spec), spec
+    if "minAvailable" in spec:  # must not block node drains at the HPA's smallest size
+        hpa = yaml.safe_load((DEPLOY / "k8s/hpa.yaml").read_text())
+        assert int(spec["minAvailable"]) < hpa["spec"]["minReplicas"], spec
+
+
+def test_shared_claims_name_their_storage_class() -> None:
+    """The default class is usually block storage (ReadWriteOnce): shared claims need their own."""
+    claims = _k8s("PersistentVolumeClaim")
+    shared = [
+        c for c in claims if {"ReadWriteMany", "ReadOnlyMany"} & set(c["spec"]["accessModes"])
+    ]
+    assert any(c["metadata"]["name"] == "stts-files" for c in shared), claims
+    for claim in shared:
+        assert claim["spec"].get("storageClassName"), claim["metadata"]["name"]
+
+
+def test_grafana_admin_password_comes_from_the_environment() -> None:
+    grafana = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]["grafana"]
+    env = grafana["environment"]
+    # ${VAR:?message}: compose refuses to start without it; no ${VAR:-default} fallback.
+    assert re.fullmatch(r"\$\{\w+:\?[^}]*\}", env["GF_SECURITY_ADMIN_PASSWORD"]), env
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false", env
+    anonymous = env.get("GF_AUTH_ANONYMOUS_ENABLED", "false")
+    assert anonymous == "false" or re.fullmatch(r"\$\{\w+:-false\}", anonymous), env
+    assert env.get("GF_AUTH_ANONYMOUS_ORG_ROLE", "Viewer") == "Viewer", env
+
+
+def test_alerts_go_to_an_alertmanager() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    targets = {
+        target
+        for manager in prometheus["alerting"]["alertmanagers"]
+        for static in manager["static_configs"]
+        for target in static["targets"]
+    }
+    service = next(name for name, s in compose.items() if "alertmanager" in s["image"])
+    assert f"{service}:9093" in targets, (targets, service)
+    mounted = {v.split(":")[0] for v in compose[service]["volumes"]}
+    assert "./alertmanager/alertmanager.yml" in mounted, mounted
+
+    path = DEPLOY / "alertmanager/alertmanager.yml"
+    config = yaml.safe_load(path.read_text())
+    receivers = {r["name"] for r in config["receivers"]}
+    routes, used = [config["route"]], set()
+    while routes:
+        route = routes.pop()
+        used.add(route.get("receiver", config["route"]["receiver"]))
+        routes.extend(route.get("routes", []))
+    assert config["route"]["receiver"] and used <= receivers, (used, receivers)
+    amtool = shutil.which("amtool")
+    if amtool:
+        result = subprocess.run([amtool, "check-config", str(path)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+
+
+def _selects(selector: str, status: str) -> bool:
+    """Whether a PromQL label selector (`{status=~"5.."}`) keeps a series with that status."""
+    for label, op, value in _MATCHER.findall(selector):
+        if label != "status":
+            continue
+        hit = re.fullmatch(value, status) is not None if "~" in op else value == status
+        if hit != (op in ("=", "=~")):
+            return False
+    return True
+
+
+def test_the_error_rate_counts_server_errors_only() -> None:
+    rules = _rules()
+    ratio = next(r for r in rules if r.get("record") == "stts:request_error_ratio:rate5m")
+    numerator = ratio["expr"].split("/")[0]
+    (selector,) = re.findall(r"stts_requests_total(\{[^}]*\})", numerator)
+    for status in ("500", "502", "503", "504"):
+        assert _selects(selector, status), (selector, status)
+    for status in ("200", "400", "401", "404", "413", "429", "499"):
+        assert not _selects(selector, status), (selector, status)
+    paging = [r for r in rules if r.get("labels", {}).get("severity") == "page"]
+    assert any("stts:request_error_ratio:rate5m" in r["expr"] for r in paging), paging
+
+
+def test_the_autoscaler_counts_each_waiting_request_once() -> None:
+    """`stts_requests_queued` (admitted, no first token yet) already holds every request in
+    vLLM's waiting queue: the HPA's queue depth must not add `vllm:num_requests_waiting`."""
+    hpa = yaml.safe_load((DEPLOY / "k8s/hpa.yaml").read_text())
+    by_name = {rule["name"]["as"]: rule for rule in _adapter_rules()}
+    series: list[str] = []
+    for metric in hpa["spec"]["metrics"]:
+        kind = metric["type"]
+        name = metric[kind.lower()]["metric"]["name"]
+        rule = by_name.get(name)
+        series += METRIC.findall(rule["metricsQuery"]) if rule else [name]
+    assert len(series) == len(set(series)), series
+    assert not {"stts_requests_queued", "vllm:num_requests_waiting"} <= set(series), series
+
+
+def test_python_and_av_requirements() -> None:
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    python = SpecifierSet(project["requires-python"])
+    # 3.11: the CPU image (python:3.11-slim) and CI; 3.12: vllm/vllm-openai:v0.32.0.
+    assert "3.11.9" in python and "3.12.3" in python, python
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for version in re.findall(r"FROM python:(\d+\.\d+)", dockerfile):
+        assert f"{version}.0" in python, (version, python)
+
+    (av,) = [Requirement(d) for d in project["dependencies"] if Requirement(d).name == "av"]
+    assert any(s.operator in ("<", "<=", "~=", "==") for s in av.specifier), av  # upper bound
+    import av as installed
+
+    assert installed.__version__ in av.specifier, (installed.__version__, av)
+    # The gpu image installs av on its own: the same range.
+    pinned = [Requirement(r).specifier for r in re.findall(r'"(av[^"]*)"', dockerfile)]
+    assert pinned and all(spec == av.specifier for spec in pinned), (pinned, av)

@@ -17,6 +17,8 @@ API_KEY = "test-key"
 TOOL_FLAGS = ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]  # as for vllm serve
 MAX_IN_FLIGHT = 40
 DEFAULT_MAX_TOKENS = 12  # what a request without max_tokens gets (the demo sets no default)
+MAX_REQUEST_BYTES = 24 * 1024 * 1024
+MAX_VIDEO_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -24,6 +26,7 @@ class Server:
     url: str
     media_root: Path
     log: Path
+    files_dir: Path
 
     def client(self, **kwargs: object) -> httpx.Client:
         headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -46,6 +49,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         STTS_API_KEY=API_KEY,
         STTS_MAX_IN_FLIGHT=str(MAX_IN_FLIGHT),
         STTS_FILES_DIR=str(root / "files"),
+        STTS_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
+        STTS_MAX_VIDEO_BYTES=str(MAX_VIDEO_BYTES),
         STTS_MAX_FILES="4",
         STTS_MAX_VIDEO_PIXELS=str(640 * 480),
         STTS_MAX_VIDEO_SECONDS="120",
@@ -69,4 +74,4 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     log = root / "server.log"
     url = f"http://127.0.0.1:{port}"
     with server_process(argv, url, "/ready", log, env):
-        yield Server(url=url, media_root=media_root, log=log)
+        yield Server(url=url, media_root=media_root, log=log, files_dir=root / "files")

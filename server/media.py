@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from server import metrics
-from server.file_store import FileStore
+from server.file_store import SHARED_OWNER, FileStore
 from server.frame_sampling import FramePlan, VisionGeometry, frame_size, plan_frames
 from server.media_errors import MediaError
 from server.settings import Settings
@@ -114,14 +114,14 @@ class MediaLoader:
 
     # -- sources --
 
-    async def fetch(self, url: str) -> MediaBytes:
+    async def fetch(self, url: str, owner: str = SHARED_OWNER) -> MediaBytes:
         limit = self.settings.max_video_bytes
         if url.startswith("data:"):
             data, mime = _parse_data_url(url, limit)
             return MediaBytes(data, mime, hashlib.sha256(data).hexdigest())
         if url.startswith("file-"):
-            record = self.files.get(url)
-            return MediaBytes(self.files.data_path(record.id), None, self.files.digest(record.id))
+            stored = await self.files.locate(url, owner=owner)
+            return MediaBytes(stored.path, None, stored.sha256)
         parsed = urlparse(url)
         if parsed.scheme == "file":
             return await self._local_file(Path(unquote(parsed.path)))

@@ -170,8 +170,8 @@ class MediaLoader:
         if url.startswith("data:"):
             return await self._run(_data_url_media, url, limit)
         if url.startswith("file-"):
-            record = self.files.get(url)
-            return MediaBytes(self.files.data_path(record.id), None, self.files.digest(record.id))
+            stored = await self.files.locate(url, owner=owner)
+            return MediaBytes(stored.path, None, stored.sha256)
         parsed = urlparse(url)
         if parsed.scheme == "file":
             return await self._local_file(Path(unquote(parsed.path)))

@@ -1,4 +1,7 @@
-"""`/v1/files`: upload a video once, ask about it many times."""
+"""`/v1/files`: upload a video once, ask about it many times.
+
+Every route works in the caller's namespace (`OwnerDep`): one key never sees, uses or deletes
+another key's files. No route touches the disk on the event loop (see `FileStore`)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
 
-from server import metrics
-from server.media_errors import MediaError
 from server.schemas import FileDeleted, FileList, FileObject
-from server.state import StateDep, require_api_key
+from server.state import OwnerDep, StateDep, require_api_key
 from server.video_decode import probe
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_api_key)])
@@ -24,29 +25,24 @@ def _validate_video(path: Path) -> None:
 @router.post("", response_model=FileObject)
 async def upload_file(
     state: StateDep,
+    owner: OwnerDep,
     file: Annotated[UploadFile, File(description="the video")],
     purpose: Annotated[str, Form(min_length=1, max_length=64)],
 ) -> FileObject:
-    try:
-        record = await state.files.save(file, purpose, _validate_video)
-    except MediaError as exc:
-        metrics.REQUESTS.labels(route="/v1/files", status=str(exc.status)).inc()
-        raise
-    metrics.REQUESTS.labels(route="/v1/files", status="200").inc()
-    return record
+    return await state.files.save(file, purpose, _validate_video, owner=owner)
 
 
 @router.get("", response_model=FileList)
-async def list_files(state: StateDep) -> FileList:
-    return FileList(data=state.files.list())
+async def list_files(state: StateDep, owner: OwnerDep) -> FileList:
+    return FileList(data=state.files.list(owner=owner))
 
 
 @router.get("/{file_id}", response_model=FileObject)
-async def get_file(file_id: str, state: StateDep) -> FileObject:
-    return state.files.get(file_id)
+async def get_file(file_id: str, state: StateDep, owner: OwnerDep) -> FileObject:
+    return state.files.get(file_id, owner=owner)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)
-async def delete_file(file_id: str, state: StateDep) -> FileDeleted:
-    await state.files.delete(file_id)
+async def delete_file(file_id: str, state: StateDep, owner: OwnerDep) -> FileDeleted:
+    await state.files.delete(file_id, owner=owner)
     return FileDeleted(id=file_id, deleted=True)

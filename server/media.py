@@ -13,8 +13,6 @@ import binascii
 import dataclasses
 import hashlib
 import io
-import ipaddress
-import socket
 import threading
 import time
 from collections import OrderedDict
@@ -25,7 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
-import httpx
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -34,6 +31,7 @@ from server.auth import SHARED_OWNER
 from server.file_store import FileStore
 from server.frame_sampling import FramePlan, VisionGeometry, frame_size, plan_frames
 from server.media_errors import MediaError
+from server.remote_media import fetch_remote
 from server.settings import Settings
 from server.video_decode import DecodeBudget, DecodedVideo, VideoInfo, decode, probe
 from stts_vllm.video_inputs import timed_video_metadata, video_metadata
@@ -98,17 +96,6 @@ def _parse_data_url(url: str, max_bytes: int) -> tuple[bytes, str]:
     if not data:
         raise MediaError("empty_media", "data URL carries no data")
     return data, mime.strip().lower()
-
-
-def _check_public_host(host: str) -> None:
-    try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError as exc:
-        raise MediaError("unresolvable_host", f"cannot resolve {host!r}") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise MediaError("forbidden_url", f"{host!r} resolves to a non-public address")
 
 
 @dataclass(frozen=True)
@@ -176,7 +163,7 @@ class MediaLoader:
         if parsed.scheme == "file":
             return await self._local_file(Path(unquote(parsed.path)))
         if parsed.scheme in ("http", "https"):
-            return await self._remote(url, parsed.hostname or "")
+            return await self._remote(url)
         raise MediaError(
             "unsupported_url",
             "media URL must be a data: URL, an uploaded file id (file-…), "
@@ -196,31 +183,17 @@ class MediaLoader:
             )
         return await self._run(_file_media, resolved)
 
-    async def _remote(self, url: str, host: str) -> MediaBytes:
-        if host not in self.settings.remote_media_allowlist:
-            raise MediaError("forbidden_url", f"remote media from {host!r} is not allowed")
-        await asyncio.to_thread(_check_public_host, host)
-        limit = self.settings.max_video_bytes
-        timeout = self.settings.remote_timeout_seconds
-        try:
-            async with (
-                httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
-                client.stream("GET", url) as response,
-            ):
-                if response.status_code != 200:
-                    raise MediaError(
-                        "fetch_failed", f"fetching media gave HTTP {response.status_code}"
-                    )
-                buffer = bytearray()
-                async for chunk in response.aiter_bytes():
-                    buffer.extend(chunk)
-                    if len(buffer) > limit:
-                        raise MediaError("media_too_large", f"media exceeds {limit} bytes", 413)
-        except httpx.HTTPError as exc:
-            raise MediaError("fetch_failed", f"fetching media failed ({exc})") from exc
-        data = bytes(buffer)
-        mime = response.headers.get("content-type", "").split(";")[0].strip().lower() or None
-        return MediaBytes(data, mime, await self._run(_sha256, data))
+    async def _remote(self, url: str) -> MediaBytes:
+        """One DNS lookup, every address checked, the connection made to a checked address,
+        all within one total deadline (`server.remote_media`)."""
+        settings = self.settings
+        remote = await fetch_remote(
+            url,
+            allowlist=settings.remote_media_allowlist,
+            max_bytes=settings.max_video_bytes,
+            deadline_seconds=settings.remote_timeout_seconds,
+        )
+        return MediaBytes(remote.data, remote.mime, await self._run(_sha256, remote.data))
 
     # -- images --
 

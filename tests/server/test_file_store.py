@@ -186,6 +186,7 @@ def test_owners_see_only_their_own_files(tmp_path: Path) -> None:
 def test_media_loader_fetches_only_the_owners_files(tmp_path: Path) -> None:
     from server.media import MediaLoader
     from server.settings import Settings
+
     store = _store(tmp_path)
     fid = _save(store, b"a's video", owner=A)
     loader = MediaLoader(Settings(), store, None)  # type: ignore[arg-type]  # fetch needs none

@@ -1,0 +1,103 @@
+"""A server of its own (it is stopped here): the whole-request deadline, and the drain on
+SIGTERM (in-flight streams finish, new requests are refused, the process exits cleanly)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from stts_vllm.checkpoint import make_demo
+from tests.processes import free_port, server_env, server_process
+
+DEADLINE_SECONDS = 6
+DRAIN_SECONDS = 30
+
+
+@pytest.fixture(scope="module")
+def lifecycle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+    root = tmp_path_factory.mktemp("lifecycle")
+    model = make_demo(root / "model")
+    port = free_port()
+    env = server_env(
+        STTS_FILES_DIR=str(root / "files"),
+        STTS_REQUEST_TIMEOUT_SECONDS=str(DEADLINE_SECONDS),
+        STTS_DRAIN_SECONDS=str(DRAIN_SECONDS),
+    )
+    argv = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(port)]
+    argv += ["--max-model-len", "8192"]
+    url = f"http://127.0.0.1:{port}"
+    with server_process(argv, url, "/ready", root / "server.log", env) as process:
+        yield url, process
+
+
+def _body(max_tokens: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+    } | extra
+
+
+def _tokens_per_second(url: str) -> float:
+    start = time.monotonic()
+    reply = httpx.post(f"{url}/v1/chat/completions", json=_body(64), timeout=120)
+    assert reply.status_code == 200, reply.text
+    return 64 / (time.monotonic() - start)
+
+
+def test_requests_past_the_deadline_get_504(lifecycle_server: tuple[str, Any]) -> None:
+    url, _ = lifecycle_server
+    tokens = int(_tokens_per_second(url) * DEADLINE_SECONDS * 4)  # ~4 deadlines' worth
+    start = time.monotonic()
+    reply = httpx.post(f"{url}/v1/chat/completions", json=_body(min(tokens, 7000)), timeout=120)
+    assert reply.status_code == 504, reply.text
+    assert reply.json()["error"]["code"] == "deadline_exceeded"
+    assert time.monotonic() - start < DEADLINE_SECONDS + 3
+    events = []
+    body = _body(min(tokens, 7000), stream=True)
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][len("data: ") :])["error"]["code"] == "deadline_exceeded"
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'stts_requests_total{route="/v1/chat/completions",status="504"} 2.0' in metrics
+
+
+def test_sigterm_drains(lifecycle_server: tuple[str, Any]) -> None:
+    """SIGTERM while a stream runs: the stream completes, a request arriving meanwhile is
+    refused (503 or no connection), and the process exits 0 before the drain time is up."""
+    url, process = lifecycle_server
+    tokens = max(8, int(_tokens_per_second(url) * 3))  # a ~3 s stream
+    result: dict[str, Any] = {}
+
+    def stream() -> None:
+        body = _body(tokens, stream=True, stream_options={"include_usage": True})
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+            result["status"] = r.status_code
+            result["events"] = [line for line in r.iter_lines() if line.startswith("data: ")]
+
+    worker = threading.Thread(target=stream)
+    worker.start()
+    time.sleep(0.8)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        late = httpx.post(f"{url}/v1/chat/completions", json=_body(4), timeout=10).status_code
+    except httpx.TransportError:
+        late = "refused"
+    worker.join(timeout=60)
+    assert late in (503, "refused")
+    assert result["status"] == 200 and result["events"][-1] == "data: [DONE]"
+    usage = json.loads(result["events"][-2][len("data: ") :])["usage"]
+    assert usage["completion_tokens"] == tokens
+    assert process.wait(timeout=DRAIN_SECONDS + 30) == 0

@@ -18,6 +18,19 @@ from server.media_errors import MediaError
 SEEK_GAP_SECONDS = 3.0
 """Farther than this from the current decode position, seeking beats decoding through."""
 
+CONTAINER_FORMATS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,gif,mpegts,flv,mpeg,ogg"
+"""FFmpeg demuxers we open (its `format_whitelist`). Anything else is refused before its
+demuxer reads a byte past the probe: playlists and scripts (hls, concat, image2) would open
+other files or URLs, text-ish demuxers (tty) turn any file into "video", and raw streams
+(yuv4mpegpipe, h264) are not uploads we mean to serve."""
+
+PATH_PROTOCOLS = "file"
+"""The only protocol a file on disk may use, for itself or anything its demuxer opens."""
+
+NO_PROTOCOLS = "none"
+"""Bytes need no protocol at all (PyAV reads them itself): a name no protocol has, so a
+demuxer trying to open anything else fails."""
+
 
 @dataclass(frozen=True)
 class VideoInfo:
@@ -41,9 +54,28 @@ VideoSource = Path | bytes
 
 
 def _open(source: VideoSource) -> av.container.InputContainer:
-    target = io.BytesIO(source) if isinstance(source, bytes) else str(source)
+    """Open with only our demuxers, and no protocol but a file's own."""
+    if isinstance(source, bytes):
+        target: io.BytesIO | str = io.BytesIO(source)
+        protocols = NO_PROTOCOLS
+    else:
+        target, protocols = str(source), PATH_PROTOCOLS
     try:
-        return av.open(target, mode="r", metadata_errors="ignore")
+        return av.open(
+            target,
+            mode="r",
+            metadata_errors="ignore",
+            container_options={
+                "format_whitelist": CONTAINER_FORMATS,
+                "protocol_whitelist": protocols,
+            },
+        )
+    except av.error.ArgumentError as exc:  # EINVAL: what FFmpeg answers off the whitelist
+        raise MediaError(
+            "invalid_video",
+            "not a readable video file (unsupported container: accepted are mp4/mov, "
+            "matroska/webm, avi, gif, mpeg-ts, flv, mpeg-ps and ogg)",
+        ) from exc
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise MediaError("invalid_video", f"not a readable video file ({exc})") from exc
 

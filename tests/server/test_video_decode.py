@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
+import av
 import pytest
 from media import audio_only_m4a, encode_video, level_video
 
@@ -91,6 +95,71 @@ def test_odd_sizes() -> None:
     size = frame_size(info.height, info.width, VisionGeometry())
     assert size[0] % 28 == 0 and size[1] % 28 == 0
     assert decode(data, [0.1], size, info).frames.shape[1:3] == size
+
+
+@pytest.mark.parametrize(
+    ("container", "codec"),
+    [("avi", "mpeg4"), ("mpegts", "libx264"), ("flv", "flv"), ("mpeg", "mpeg2video")],
+)
+def test_other_accepted_containers(container: str, codec: str) -> None:
+    """The rest of the demuxer whitelist that can be written here (ogg needs libtheora)."""
+    data = encode_video(level_video(40), FPS, container=container, codec=codec)
+    info = probe(data)
+    times = [0.0, 1.0, 2.5, 4.5]
+    decoded = decode(data, times, (56, 84), info)
+    for frame, t in zip(decoded.frames, times, strict=True):
+        expected = 16 + 4 * round(t * FPS)
+        assert abs(_level(frame) - expected) < 6, (t, _level(frame), expected)
+
+
+def test_a_file_on_disk_opens(tmp_path: Path) -> None:
+    """Paths open through FFmpeg's file protocol, the only one allowed them."""
+    path = tmp_path / "upload"
+    path.write_bytes(encode_video(level_video(16), FPS))
+    info = probe(path)
+    assert decode(path, [1.0], (56, 84), info).frames.shape == (1, 56, 84, 3)
+
+
+@pytest.mark.parametrize(
+    ("container", "codec"),
+    [("yuv4mpegpipe", "rawvideo"), ("h264", "libx264"), ("nut", "mpeg4")],
+)
+def test_unlisted_containers_are_refused(container: str, codec: str) -> None:
+    data = encode_video(level_video(4), FPS, container=container, codec=codec)
+    with av.open(io.BytesIO(data)) as readable:  # FFmpeg itself reads it
+        assert readable.streams.video
+    with pytest.raises(MediaError) as error:
+        probe(data)
+    assert error.value.code == "invalid_video" and error.value.status == 400
+    assert "unsupported container" in error.value.message
+
+
+def _playlist_files(root: Path) -> dict[str, Path]:
+    """Files FFmpeg would open as a video by reading other files (or URLs) they name, and
+    text it would render as one."""
+    (root / "segment.ts").write_bytes(encode_video(level_video(8), FPS, container="mpegts"))
+    files = {
+        "hls": (
+            "list.m3u8",
+            "#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:1,\nsegment.ts\n#EXT-X-ENDLIST\n",
+        ),
+        "concat": ("list.txt", "ffconcat version 1.0\nfile segment.ts\n"),
+        "tty": ("notes.txt", "hello, this is not a video\n" * 50),
+    }
+    for name, text in files.values():
+        (root / name).write_text(text)
+    return {kind: root / name for kind, (name, _) in files.items()}
+
+
+@pytest.mark.parametrize("kind", ["hls", "concat", "tty"])
+def test_playlists_and_text_on_disk_are_refused(tmp_path: Path, kind: str) -> None:
+    path = _playlist_files(tmp_path)[kind]
+    with av.open(str(path)) as readable:  # FFmpeg itself opens it as video
+        assert readable.streams.video
+    with pytest.raises(MediaError) as error:
+        probe(path)
+    assert error.value.code == "invalid_video"
+    assert "unsupported container" in error.value.message
 
 
 @pytest.mark.parametrize(

@@ -88,6 +88,35 @@ def encode_video(
     return buffer.getvalue()
 
 
+def encode_keyframed_video(
+    frames: np.ndarray, fps: int = 10, *, keyframe_every: int | None = None
+) -> bytes:
+    """Frames -> an H.264 mp4 with a keyframe exactly every `keyframe_every` frames, or only
+    the first one (None; no scene-cut keyframes either): there every seek lands back at the
+    start, the worst case for seeking."""
+    import io
+
+    import av
+
+    keyint = keyframe_every or 1_000_000
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as out:
+        stream = out.add_stream(
+            "libx264",
+            rate=fps,
+            options={"x264-params": f"scenecut=0:keyint={keyint}:min-keyint={keyint}"},
+        )
+        stream.width, stream.height = int(frames.shape[2]), int(frames.shape[1])
+        stream.pix_fmt = "yuv420p"
+        stream.gop_size = keyint
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return buffer.getvalue()
+
+
 def encode_mp4(frames: np.ndarray, fps: int = 4) -> bytes:
     """Frames -> an H.264 mp4, in memory."""
     return encode_video(frames, fps)

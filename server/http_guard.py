@@ -81,20 +81,29 @@ class RequestGuard:
         label = route_label(scope["path"])
         start = time.monotonic()
         sent: dict[str, int] = {}
+        counted = False
+
+        def count() -> None:
+            nonlocal counted
+            if label is None or counted:
+                return
+            counted = True
+            state = scope.get("state") or {}
+            status = state.get(STATUS_KEY) or sent.get("status") or 499  # no answer: it left
+            metrics.REQUESTS.labels(route=label, status=str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(route=label).observe(time.monotonic() - start)
 
         async def counted_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                count()  # before the last byte leaves: a client that saw it sees it counted
             await send(message)
 
         try:
             await self._guarded(scope, receive, counted_send)
         finally:
-            if label is not None:
-                state = scope.get("state") or {}
-                status = state.get(STATUS_KEY) or sent.get("status") or 499
-                metrics.REQUESTS.labels(route=label, status=str(status)).inc()
-                metrics.REQUEST_SECONDS.labels(route=label).observe(time.monotonic() - start)
+            count()
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         settings = self.state.settings

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import dataclasses
+import functools
 import hashlib
 import io
 import threading
@@ -145,7 +146,7 @@ class MediaLoader:
             cancelled=cancelled,
         )
         try:
-            return await self._run(fn, *args, budget)
+            return await self._run(functools.partial(fn, *args, budget=budget))
         except BaseException:
             cancelled.set()
             raise

@@ -20,11 +20,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+CPU_MEMORY_SHARE = "0.2"
+"""Test servers run side by side (the session's server, a module's own, vLLM's for parity).
+On the CPU backend `gpu_memory_utilization` is the share of the NUMA node's memory that must
+be free at start-up, so vLLM's 0.9 refuses every server after the first."""
+
+
 def server_env(**extra: str) -> dict[str, str]:
     """This environment, minus the in-process engine switch of the engine tests (a server
-    runs vLLM's usual multiprocess engine), plus `extra`."""
+    runs vLLM's usual multiprocess engine), with a CPU memory share that lets test servers
+    coexist, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    return env | extra
+    return env | {"STTS_GPU_MEMORY_UTILIZATION": CPU_MEMORY_SHARE} | extra
 
 
 @contextmanager

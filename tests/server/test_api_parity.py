@@ -21,7 +21,7 @@ import pytest
 from media import encode_mp4, moving_square_video
 
 from stts_vllm.checkpoint import make_demo
-from tests.processes import free_port, server_env, server_process
+from tests.processes import CPU_MEMORY_SHARE, free_port, server_env, server_process
 from tests.server.conftest import TOOL_FLAGS
 
 MODEL = "stts-demo"
@@ -66,6 +66,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pair]:
         *[sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)],
         *["--served-model-name", MODEL, "--dtype", "float32", "--enforce-eager"],
         *["--port", str(vllm_port), "--trust-request-mm-kwargs"],
+        *["--gpu-memory-utilization", CPU_MEMORY_SHARE],
     ]
     urls = Pair(f"http://127.0.0.1:{ours_port}", f"http://127.0.0.1:{vllm_port}")
     env = server_env(STTS_FILES_DIR=str(root / "files"))

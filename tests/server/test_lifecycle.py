@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,7 +23,7 @@ DRAIN_SECONDS = 30
 
 
 @pytest.fixture(scope="module")
-def lifecycle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
+def lifecycle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any, Path]]:
     root = tmp_path_factory.mktemp("lifecycle")
     model = make_demo(root / "model")
     port = free_port()
@@ -35,7 +36,7 @@ def lifecycle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
     argv += ["--max-model-len", "8192"]
     url = f"http://127.0.0.1:{port}"
     with server_process(argv, url, "/ready", root / "server.log", env) as process:
-        yield url, process
+        yield url, process, root / "server.log"
 
 
 def _body(max_tokens: int, **extra: Any) -> dict[str, Any]:
@@ -54,8 +55,8 @@ def _tokens_per_second(url: str) -> float:
     return 64 / (time.monotonic() - start)
 
 
-def test_requests_past_the_deadline_get_504(lifecycle_server: tuple[str, Any]) -> None:
-    url, _ = lifecycle_server
+def test_requests_past_the_deadline_get_504(lifecycle_server: tuple[str, Any, Path]) -> None:
+    url, _, _ = lifecycle_server
     tokens = int(_tokens_per_second(url) * DEADLINE_SECONDS * 4)  # ~4 deadlines' worth
     start = time.monotonic()
     reply = httpx.post(f"{url}/v1/chat/completions", json=_body(min(tokens, 7000)), timeout=120)
@@ -73,10 +74,10 @@ def test_requests_past_the_deadline_get_504(lifecycle_server: tuple[str, Any]) -
     assert 'stts_requests_total{route="/v1/chat/completions",status="504"} 2.0' in metrics
 
 
-def test_sigterm_drains(lifecycle_server: tuple[str, Any]) -> None:
+def test_sigterm_drains(lifecycle_server: tuple[str, Any, Path]) -> None:
     """SIGTERM while a stream runs: the stream completes, a request arriving meanwhile is
-    refused (503 or no connection), and the process exits 0 before the drain time is up."""
-    url, process = lifecycle_server
+    refused (503 or no connection), and the process exits before the drain time is up."""
+    url, process, log = lifecycle_server
     tokens = max(8, int(_tokens_per_second(url) * 3))  # a ~3 s stream
     result: dict[str, Any] = {}
 
@@ -100,4 +101,7 @@ def test_sigterm_drains(lifecycle_server: tuple[str, Any]) -> None:
     assert result["status"] == 200 and result["events"][-1] == "data: [DONE]"
     usage = json.loads(result["events"][-2][len("data: ") :])["usage"]
     assert usage["completion_tokens"] == tokens
-    assert process.wait(timeout=DRAIN_SECONDS + 30) == 0
+    # uvicorn re-raises the signal once its graceful shutdown is done: "terminated by SIGTERM"
+    # after the stream above was served in full is the drained exit
+    assert process.wait(timeout=DRAIN_SECONDS + 30) in (0, -signal.SIGTERM)
+    assert "draining: new requests get 503" in log.read_text()

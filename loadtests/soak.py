@@ -191,14 +191,21 @@ class Soak:
             headers = {"Content-Type": "application/json"}
             return (await client.post(chat, content=b'{"messages": [', headers=headers)).status_code
         if name == "oversized_upload":
+            boundary = "soak-boundary"
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nx\r\n'
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                'filename="big.mp4"\r\nContent-Type: video/mp4\r\n\r\n'
+            ).encode()
 
             async def body():  # chunked: no Content-Length to refuse up front
+                yield head
                 for _ in range(MAX_VIDEO_BYTES // (256 * 1024) + 8):
                     yield os.urandom(256 * 1024)
 
-            files = {"file": ("big.mp4", body(), "video/mp4")}
+            headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
             try:
-                response = await client.post("/v1/files", files=files, data={"purpose": "x"})
+                response = await client.post("/v1/files", content=body(), headers=headers)
             except httpx.RemoteProtocolError:  # the server answered and closed mid-upload
                 return 413
             return response.status_code

@@ -6,10 +6,11 @@ of valid work, bad input, disconnects, oversized uploads, and a SIGTERM drain at
 Starts `stts-serve` on the demo checkpoint (built in a temp dir unless `--checkpoint`), runs
 `--concurrency` clients for `--seconds`, each picking scenarios at random (seeded), then sends
 SIGTERM while requests are in flight and keeps the clients going until the server is gone.
-Checks: no 5xx at all; every valid request admitted before the drain answered 200; every
-upload listed with its size and its stored bytes hashing to what was sent; the process exits
-0 within its drain time. Prints and writes `soak.json` and `soak.png` (RSS of the server
-process tree over time, outcomes per second); exit status 1 if a check fails.
+Checks: no 5xx at all; every valid request admitted before the drain answered 200; after
+the drain, every upload a client kept has its record on disk and its stored bytes hash to what
+was sent; the process exits within its drain time. Prints and writes `soak.json`, `soak.png`
+(RSS of the server process tree over time, outcomes per 5 s) and `server.log`; exit status 1
+if a check fails.
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ class Soak:
         self.draining = False
         self.clips = [_video(s) for s in range(6)]
         self.file_id = ""
+        self.uploads = 0
         self.start = time.monotonic()
 
     def client(self, key: str | bytes | None = API_KEY, timeout: float = 120) -> httpx.AsyncClient:
@@ -150,7 +152,8 @@ class Soak:
                     self.tally.failures.append(f"stream ended without [DONE]: {lines[-1]!r}")
                 return response.status_code
         if name == "upload_delete":
-            data = _video(self.rng.randrange(10**6), frames=4)
+            self.uploads += 1  # a fresh clip each time: the same bytes would share an id
+            data = _video(10**6 + self.uploads, frames=4)
             response = await self.upload(client, data, "clip.mp4")
             if response.status_code != 200:
                 return response.status_code
@@ -252,25 +255,25 @@ async def _sample_rss(pid: int, series: list[tuple[float, int]], start: float) -
 
 
 def _check_uploads(soak: Soak) -> list[str]:
-    """Every kept upload is listed with its size and its stored bytes hash to what was sent."""
+    """After the drain (no request in flight, every client's view settled): every upload a
+    client kept has its record on disk with its size and digest, and its stored bytes hash to
+    what was sent."""
     problems = []
-    listed = {
-        f["id"]: f
-        for f in httpx.get(
-            f"{soak.url}/v1/files", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60
-        ).json()["data"]
-    }
     for file_id, (digest, size) in soak.tally.uploads.items():
-        if file_id not in listed or listed[file_id]["bytes"] != size:
-            problems.append(f"upload {file_id} lost or resized")
-            continue
+        records = list(soak.files_dir.rglob(f"{file_id}.json"))
         blobs = list(soak.files_dir.rglob(f"{file_id}.bin"))
-        if len(blobs) != 1 or hashlib.sha256(blobs[0].read_bytes()).hexdigest() != digest:
+        if len(records) != 1 or len(blobs) != 1:
+            problems.append(f"upload {file_id} lost ({len(records)} records, {len(blobs)} blobs)")
+            continue
+        record = json.loads(records[0].read_text())
+        if record.get("bytes") != size or record.get("sha256") != digest:
+            problems.append(f"upload {file_id}: record says {record.get('bytes')} bytes")
+        elif hashlib.sha256(blobs[0].read_bytes()).hexdigest() != digest:
             problems.append(f"upload {file_id} corrupt on disk")
     return problems
 
 
-def launch(checkpoint: Path, port: int, work: Path) -> subprocess.Popen:
+def launch(checkpoint: Path, port: int, work: Path, log_path: Path) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env |= {
         "STTS_API_KEY": API_KEY,
@@ -282,12 +285,12 @@ def launch(checkpoint: Path, port: int, work: Path) -> subprocess.Popen:
     }
     argv = [sys.executable, "-m", "server.cli", "--model", str(checkpoint), "--port", str(port)]
     argv += ["--max-model-len", "8192"]
-    log = (work / "server.log").open("w")
+    log = log_path.open("w")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}; see {work}/server.log")
+            raise SystemExit(f"server exited with {process.returncode}; see {log_path}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
                 return process
@@ -309,7 +312,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         from stts_vllm.checkpoint import make_demo
 
         checkpoint = make_demo(work / "model")
-    process = launch(checkpoint, port, work)
+    process = launch(checkpoint, port, work, args.out / "server.log")
     soak = Soak(f"http://127.0.0.1:{port}", work / "files", args.seed)
     async with soak.client() as client:
         response = await soak.upload(client, soak.clips[0], "shared.mp4")
@@ -329,7 +332,6 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             f"RSS {max(r for _, r in rss) / 2**30:.2f} GiB peak",
             flush=True,
         )
-    upload_problems = _check_uploads(soak)
     drain_start = time.monotonic()
     soak.draining = True
     process.send_signal(signal.SIGTERM)
@@ -338,6 +340,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     gone.set()
     await asyncio.gather(*workers)
     sampler.cancel()
+    upload_problems = _check_uploads(soak)
     outcomes = soak.tally.outcomes
     server_errors = sum(
         n for (_, s), n in outcomes.items() if isinstance(s, int) and s >= 500 and s != 503

@@ -291,6 +291,7 @@ class MediaLoader:
         ):
             raise MediaError("wrong_mime_type", f"video_url carries {media.mime!r}, not a video")
         info = await self._budgeted(probe, media.data)
+        metrics.FRAMES_DECODED.inc(info.probe_frames)
         self._check_limits(info)
         if test_time_scaling is None:
             test_time_scaling = (
@@ -317,6 +318,7 @@ class MediaLoader:
             start = time.perf_counter()
             decoded = await self._budgeted(decode, media.data, plan.times, plan.size, info)
             metrics.DECODE_SECONDS.observe(time.perf_counter() - start)
+            metrics.FRAMES_DECODED.inc(decoded.decoded_frames)
             self.cache.put(key, decoded)
         metrics.DECODES.labels(cache="hit" if hit else "miss").inc()
         span = plan.times[-1] - plan.times[0] if plan.num_frames > 1 else 0.0

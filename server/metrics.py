@@ -30,6 +30,10 @@ DECODE_SECONDS = Histogram(
     "Time to decode and sample one video (cache misses)",
     buckets=_LATENCY_BUCKETS,
 )
+FRAMES_DECODED = Counter(
+    "stts_video_frames_decoded_total",
+    "Frames FFmpeg decoded for videos, sampled or skipped, probes included: the decode work",
+)
 DECODES = Counter(
     "stts_video_decodes_total", "Videos prepared, by decoded-frame cache outcome", ["cache"]
 )

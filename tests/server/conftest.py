@@ -19,6 +19,8 @@ MAX_IN_FLIGHT = 40
 DEFAULT_MAX_TOKENS = 12  # what a request without max_tokens gets (the demo sets no default)
 MAX_REQUEST_BYTES = 24 * 1024 * 1024
 MAX_VIDEO_BYTES = 16 * 1024 * 1024
+MAX_DECODED_FRAMES = 1500
+REMOTE_ALLOWLIST = '["localhost", "64:ff9b::7f00:1", "::ffff:10.0.0.1"]'  # all non-public
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         STTS_FILES_DIR=str(root / "files"),
         STTS_MAX_REQUEST_BYTES=str(MAX_REQUEST_BYTES),
         STTS_MAX_VIDEO_BYTES=str(MAX_VIDEO_BYTES),
+        STTS_MAX_DECODED_FRAMES=str(MAX_DECODED_FRAMES),
+        STTS_REMOTE_MEDIA_ALLOWLIST=REMOTE_ALLOWLIST,
         STTS_MAX_FILES="4",
         STTS_MAX_VIDEO_PIXELS=str(640 * 480),
         STTS_MAX_VIDEO_SECONDS="120",

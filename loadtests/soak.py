@@ -413,7 +413,10 @@ def main() -> None:
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("artifacts/soak"))
+    parser.add_argument("--smoke", action="store_true", help="15 s, 4 clients (CI)")
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.concurrency = 15.0, 4
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stts-soak-") as tmp:
         report = asyncio.run(run(args, Path(tmp)))

@@ -1,5 +1,6 @@
-"""A server of its own (it is stopped here): the whole-request deadline, and the drain on
-SIGTERM (in-flight streams finish, new requests are refused, the process exits cleanly)."""
+"""A server of its own (it is stopped here), with two API keys: uploaded files private to each
+key, the whole-request deadline, and the drain on SIGTERM (in-flight streams finish, new
+requests are refused, the process exits cleanly)."""
 
 from __future__ import annotations
 
@@ -14,12 +15,15 @@ from typing import Any
 
 import httpx
 import pytest
+from media import encode_mp4, moving_square_video
 
 from stts_vllm.checkpoint import make_demo
 from tests.processes import free_port, server_env, server_process
 
 DEADLINE_SECONDS = 6
 DRAIN_SECONDS = 30
+ALICE, BOB = "alice-key", "bob-key"
+AUTH = {"Authorization": f"Bearer {ALICE}"}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,7 @@ def lifecycle_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
         STTS_FILES_DIR=str(root / "files"),
         STTS_REQUEST_TIMEOUT_SECONDS=str(DEADLINE_SECONDS),
         STTS_DRAIN_SECONDS=str(DRAIN_SECONDS),
+        STTS_API_KEYS=json.dumps([ALICE, BOB]),
     )
     argv = [sys.executable, "-m", "server.cli", "--model", str(model), "--port", str(port)]
     argv += ["--max-model-len", "8192"]
@@ -50,7 +55,7 @@ def _body(max_tokens: int, **extra: Any) -> dict[str, Any]:
 
 def _tokens_per_second(url: str) -> float:
     start = time.monotonic()
-    reply = httpx.post(f"{url}/v1/chat/completions", json=_body(64), timeout=120)
+    reply = httpx.post(f"{url}/v1/chat/completions", json=_body(64), headers=AUTH, timeout=120)
     assert reply.status_code == 200, reply.text
     return 64 / (time.monotonic() - start)
 
@@ -59,19 +64,50 @@ def test_requests_past_the_deadline_get_504(lifecycle_server: tuple[str, Any, Pa
     url, _, _ = lifecycle_server
     tokens = int(_tokens_per_second(url) * DEADLINE_SECONDS * 4)  # ~4 deadlines' worth
     start = time.monotonic()
-    reply = httpx.post(f"{url}/v1/chat/completions", json=_body(min(tokens, 7000)), timeout=120)
+    reply = httpx.post(
+        f"{url}/v1/chat/completions", json=_body(min(tokens, 7000)), headers=AUTH, timeout=120
+    )
     assert reply.status_code == 504, reply.text
     assert reply.json()["error"]["code"] == "deadline_exceeded"
     assert time.monotonic() - start < DEADLINE_SECONDS + 3
     events = []
     body = _body(min(tokens, 7000), stream=True)
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+    chat = f"{url}/v1/chat/completions"
+    with httpx.stream("POST", chat, json=body, headers=AUTH, timeout=120) as response:
         assert response.status_code == 200
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][len("data: ") :])["error"]["code"] == "deadline_exceeded"
     metrics = httpx.get(f"{url}/metrics").text
     assert 'stts_requests_total{route="/v1/chat/completions",status="504"} 2.0' in metrics
+
+
+def _video_question(file_id: str) -> dict[str, Any]:
+    content = [{"type": "video_url", "video_url": {"url": file_id}}, {"type": "text", "text": "?"}]
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
+
+
+def test_uploaded_files_are_private_to_their_key(
+    lifecycle_server: tuple[str, Any, Path],
+) -> None:
+    url, _, _ = lifecycle_server
+    clip = encode_mp4(moving_square_video(8, 112, 112, seed=9), fps=4)
+    alice = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ALICE}"}, timeout=120)
+    bob = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {BOB}"}, timeout=120)
+    with alice, bob:
+        upload = {"file": ("a.mp4", clip, "video/mp4")}
+        file_id = alice.post("/v1/files", files=upload, data={"purpose": "vision"}).json()["id"]
+        assert [f["id"] for f in alice.get("/v1/files").json()["data"]] == [file_id]
+        assert bob.get("/v1/files").json()["data"] == []
+        assert bob.get(f"/v1/files/{file_id}").status_code == 404
+        assert bob.delete(f"/v1/files/{file_id}").status_code == 404
+        assert bob.post("/v1/chat/completions", json=_video_question(file_id)).status_code == 404
+        assert alice.post("/v1/chat/completions", json=_video_question(file_id)).status_code == 200
+        # the same bytes uploaded by both: one copy on disk, each key deletes only its own
+        assert bob.post("/v1/files", files=upload, data={"purpose": "v"}).json()["id"] == file_id
+        assert alice.delete(f"/v1/files/{file_id}").status_code == 200
+        assert bob.post("/v1/chat/completions", json=_video_question(file_id)).status_code == 200
+        assert alice.get(f"/v1/files/{file_id}").status_code == 404
 
 
 def test_sigterm_drains(lifecycle_server: tuple[str, Any, Path]) -> None:
@@ -83,7 +119,8 @@ def test_sigterm_drains(lifecycle_server: tuple[str, Any, Path]) -> None:
 
     def stream() -> None:
         body = _body(tokens, stream=True, stream_options={"include_usage": True})
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as r:
+        chat = f"{url}/v1/chat/completions"
+        with httpx.stream("POST", chat, json=body, headers=AUTH, timeout=60) as r:
             result["status"] = r.status_code
             result["events"] = [line for line in r.iter_lines() if line.startswith("data: ")]
 
@@ -93,7 +130,8 @@ def test_sigterm_drains(lifecycle_server: tuple[str, Any, Path]) -> None:
     process.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     try:
-        late = httpx.post(f"{url}/v1/chat/completions", json=_body(4), timeout=10).status_code
+        chat = f"{url}/v1/chat/completions"
+        late = httpx.post(chat, json=_body(4), headers=AUTH, timeout=10).status_code
     except httpx.TransportError:
         late = "refused"
     worker.join(timeout=60)

@@ -1,5 +1,5 @@
-"""Seconds-long runs of the engine benchmark and the load test: they must produce well-formed
-results (every field, every method, a plot), whatever the speed."""
+"""Seconds-long runs of the engine benchmark, the load test and the soak: they must produce
+well-formed results (every field, every method, a plot), whatever the speed."""
 
 from __future__ import annotations
 
@@ -64,3 +64,15 @@ def test_load_test_smoke(tmp_path: Path) -> None:
     by = {(lv["config"], lv["concurrency"]): lv for lv in levels}
     assert by[("stts", 1)]["video_tokens_mean"] < by[("unpruned", 1)]["video_tokens_mean"]
     assert (tmp_path / "load.png").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_soak_smoke(tmp_path: Path) -> None:
+    """Every scenario of the soak runs against the real server and gets what it should; the
+    run ends with a drain (the script exits 1 on any 5xx, lost upload or unclean drain)."""
+    report = _run("loadtests/soak.py", tmp_path)
+    assert report["server_errors_5xx"] == 0 and report["failure_count"] == 0
+    scenarios = {key.split(":")[0] for key in report["outcomes"]}
+    assert scenarios >= {"video", "stream", "oversized_upload", "bad_key", "upload_delete"}
+    assert report["valid_answered"] > 0 and report["peak_rss_gib"] > 0
+    assert (tmp_path / "soak.png").is_file()

@@ -306,13 +306,19 @@ def launch(checkpoint: Path, port: int, log: Path, engine_args: dict) -> subproc
     env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     env["STTS_FILES_DIR"] = str(log.parent / f"files-{port}")
     process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    wait_until_ready(process, port, log)
+    return process
+
+
+def wait_until_ready(process: subprocess.Popen, port: int, log: Path) -> None:
+    """Until `/ready` answers 200; exits the load test if the server dies or takes 600 s."""
     deadline = time.time() + 600
     while time.time() < deadline:
         if process.poll() is not None:
             raise SystemExit(f"server exited with {process.returncode}; see {log}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
+                return
         except httpx.HTTPError:
             pass
         time.sleep(1)

@@ -36,6 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 import psutil
+from chat_load import wait_until_ready  # this folder: run as a script
 
 API_KEY = "soak"
 MAX_VIDEO_BYTES = 4 * 1024 * 1024
@@ -287,18 +288,8 @@ def launch(checkpoint: Path, port: int, work: Path, log_path: Path) -> subproces
     argv += ["--max-model-len", "8192"]
     log = log_path.open("w")
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"server exited with {process.returncode}; see {log_path}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    process.kill()
-    raise SystemExit("server not ready in 600 s")
+    wait_until_ready(process, port, log_path)
+    return process
 
 
 async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:

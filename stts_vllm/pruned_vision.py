@@ -2,13 +2,14 @@
 
 The pruned forward pass itself is `stts_vllm.core.driver`; this module only says how vLLM's
 towers map onto it: one small adapter per tower (patch embedding, a block call with vLLM's
-attention metadata, the mergers), plus the key-biased attention of block `prune_at + 1`.
+attention metadata, the mergers), plus block `prune_at + 1`'s key-biased attention through
+vLLM's own encoder attention kernel (`biased_attention`). The stock blocks are never
+modified.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -18,83 +19,76 @@ from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VisionTransformer
 from vllm.model_executor.models.qwen3_vl import Qwen3_VisionTransformer
 from vllm.model_executor.models.utils import cast_overflow_tensors
 
-from stts_vllm.core import STTSConfig, STTSScorer, varlen_attention
+from stts_vllm.core import BIAS_CHANNELS, STTSConfig, STTSScorer, with_key_bias_channel
 from stts_vllm.core.driver import PrunedTower, PruningPlan, Rotary, plan_pruning, run_pruned_tower
 from stts_vllm.core.packing import PackedUnits
 
 
-class KeyBiasedAttention(nn.Module):
-    """Stands in for one block's `MMEncoderAttention`, with the same call signature.
-
-    Without a bias it defers to the stock kernel; while `key_bias` is set (only inside
-    `pruned_vision_forward`, via `biased`) it runs SDPA with the bias added to every key.
-    """
-
-    def __init__(self, inner: MMEncoderAttention) -> None:
-        super().__init__()
-        self.inner = inner
-        self.key_bias: torch.Tensor | None = None
-
-    def forward(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: torch.Tensor | None = None,
-        sequence_lengths: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if self.key_bias is None:
-            return self.inner(
-                query,
-                key,
-                value,
-                cu_seqlens=cu_seqlens,
-                max_seqlen=max_seqlen,
-                sequence_lengths=sequence_lengths,
-            )
-        assert cu_seqlens is not None and query.shape[0] == 1
-        out = varlen_attention(
-            query[0],
-            key[0],
-            value[0],
-            cu_seqlens.cpu(),
-            scale=self.inner.scale,
-            key_bias=self.key_bias,
-        )
-        return out.unsqueeze(0)
-
-    @contextmanager
-    def biased(self, bias: torch.Tensor) -> Iterator[None]:
-        self.key_bias = bias
-        try:
-            yield
-        finally:
-            self.key_bias = None
+def install_biased_kernel(visual: nn.Module, block: int) -> MMEncoderAttention:
+    """The attention kernel of the biased block: vLLM's own `MMEncoderAttention` (the backend
+    vLLM picks for this head size), for heads `BIAS_CHANNELS` wider (see
+    `core.attention`). Built once, at model construction, beside the stock blocks, which stay
+    untouched; it holds no weights. Idempotent."""
+    existing = getattr(visual, "stts_biased_attention", None)
+    if existing is not None:
+        return existing
+    stock = visual.blocks[block].attn
+    kernel = MMEncoderAttention(
+        num_heads=stock.num_attention_heads_per_partition,
+        head_size=stock.hidden_size_per_attention_head + BIAS_CHANNELS,
+        scale=stock.attn.scale,
+        prefix=f"blocks.{block}.attn.stts_biased",
+    )
+    visual.stts_biased_attention = kernel
+    return kernel
 
 
-def install_key_bias(visual: nn.Module, block: int) -> KeyBiasedAttention:
-    """Wrap block `block`'s attention kernel once (idempotent); it holds no weights."""
-    attn = visual.blocks[block].attn
-    if not isinstance(attn.attn, KeyBiasedAttention):
-        attn.attn = KeyBiasedAttention(attn.attn)
-    return attn.attn
+def biased_attention(
+    attn: Any,
+    kernel: MMEncoderAttention,
+    x: torch.Tensor,
+    rotary: Rotary,
+    metadata: dict[str, Any],
+    bias: torch.Tensor,
+) -> torch.Tensor:
+    """`Qwen2_5_VisionAttention.forward` (vLLM 0.32, shared by the Qwen2.5-VL and Qwen3-VL
+    towers) with `bias` added to every key's logit: the stock projections and rotary
+    embedding, the stock kernel on heads one bias channel wider, one call for every sequence."""
+    qkv, _ = attn.qkv(x)
+    seq_len, batch, _ = qkv.shape
+    heads, head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head
+    qkv = qkv.view(seq_len, batch, 3, heads, head_dim).permute(2, 1, 0, 3, 4)  # 3 b s h d
+    qk = qkv[:2].reshape(2 * batch, seq_len, heads, head_dim).contiguous()
+    q, k = attn.apply_rotary_emb(qk, *rotary).view(2, batch, seq_len, heads, head_dim).unbind(0)
+    q, k, v = with_key_bias_channel(q, k, qkv[2], bias, kernel.scale)
+    out = kernel(query=q, key=k, value=v, **metadata)[..., :head_dim]  # b s h d
+    out = out.permute(1, 0, 2, 3).reshape(seq_len, batch, heads * head_dim).contiguous()
+    projected, _ = attn.proj(out)
+    return projected
 
 
-def _varlen_metadata(visual: Any, cu_seqlens: torch.Tensor) -> dict[str, torch.Tensor | None]:
+def _varlen_metadata(
+    visual: Any, cu_seqlens: torch.Tensor, kernel: MMEncoderAttention | None = None
+) -> dict[str, torch.Tensor | None]:
     """The per-backend attention metadata the stock `prepare_encoder_metadata` derives from a
-    `cu_seqlens`, for our packed ones."""
+    `cu_seqlens` (host memory: no device sync), for our packed ones; for `kernel`'s backend and
+    head size when given (the biased block's wider heads)."""
     cu_np = cu_seqlens.numpy()
     device = visual.device
-    backend = visual.attn_backend
+    backend = visual.attn_backend if kernel is None else kernel.attn_backend
+    hidden_size = visual.hidden_size
+    fp8_hidden = visual.fp8_padded_hidden_size
+    if kernel is not None:
+        hidden_size = kernel.num_heads * kernel.head_size * visual.tp_size
+        fp8_hidden = None
     return {
         "cu_seqlens": MMEncoderAttention.maybe_recompute_cu_seqlens(
             backend,
             cu_np,
-            visual.hidden_size,
+            hidden_size,
             visual.tp_size,
             device,
-            fp8_padded_hidden_size=visual.fp8_padded_hidden_size,
+            fp8_padded_hidden_size=fp8_hidden,
         ),
         "max_seqlen": torch.tensor(
             MMEncoderAttention.compute_max_seqlen(backend, cu_np), dtype=torch.int32
@@ -140,21 +134,17 @@ class _VLLMTower:
         packed: PackedUnits,
         bias: torch.Tensor,
     ) -> torch.Tensor:
-        # The plain offsets (backends such as FlashInfer rewrite the stock ones).
         full = self._block_kind(index) == "full"
         cu = packed.cu_seqlens if full else packed.cu_window_seqlens
-        cos, sin = rotary
-        attention = self.visual.blocks[index].attn.attn
-        assert isinstance(attention, KeyBiasedAttention)
-        with attention.biased(bias):
-            return self.visual.blocks[index](
-                hidden,
-                cu_seqlens=cu,
-                rotary_pos_emb_cos=cos,
-                rotary_pos_emb_sin=sin,
-                max_seqlen=torch.tensor(int(cu.diff().max()), dtype=torch.int32),
-                sequence_lengths=None,
-            )
+        block = self.visual.blocks[index]
+        kernel = self.visual.stts_biased_attention
+        metadata = _varlen_metadata(self.visual, cu, kernel)
+        attended = biased_attention(block.attn, kernel, block.norm1(hidden), rotary, metadata, bias)
+        return self._finish_block(block, hidden, attended)
+
+    def _finish_block(self, block: Any, hidden: torch.Tensor, attended: torch.Tensor) -> Any:
+        """The rest of the stock block's forward after its attention."""
+        raise NotImplementedError
 
     def merge_units(self, hidden: torch.Tensor) -> torch.Tensor:
         if hidden.dtype == torch.float16:  # as stock: long sequences overflow fp16 at the end
@@ -172,6 +162,10 @@ class Qwen2_5_VLTower(_VLLMTower):
 
     def _block_kind(self, index: int) -> str:
         return "full" if index in self.full_blocks else "window"
+
+    def _finish_block(self, block: Any, hidden: torch.Tensor, attended: torch.Tensor) -> Any:
+        normed, residual = block.norm2(hidden, residual=attended)  # Qwen2_5_VisionBlock
+        return residual + block.mlp(normed)
 
     def embed(self, pixels: torch.Tensor, plan: PruningPlan) -> tuple[torch.Tensor, Rotary, Any]:
         visual = self.visual
@@ -219,6 +213,10 @@ class Qwen3_VLTower(_VLLMTower):
 
     def layout(self, packed: PackedUnits) -> dict[str, dict[str, Any]]:
         return {"full": _varlen_metadata(self.visual, packed.cu_seqlens)}
+
+    def _finish_block(self, block: Any, hidden: torch.Tensor, attended: torch.Tensor) -> Any:
+        hidden = hidden + attended  # Qwen3_VisionBlock
+        return hidden + block.mlp(block.norm2(hidden))
 
     def tap(self, position: int, hidden: torch.Tensor) -> torch.Tensor:
         return self.visual.deepstack_merger_list[position](hidden)

@@ -26,7 +26,7 @@ from stts_vllm.positions import (
     encode_positions,
     place_media_positions,
 )
-from stts_vllm.pruned_vision import install_key_bias, pruned_vision_forward
+from stts_vllm.pruned_vision import install_biased_kernel, pruned_vision_forward
 
 KEEP_RATIO_KWARG = "stts_keep_ratio"
 """Per-request keep ratio: `mm_processor_kwargs={"stts_keep_ratio": r}`."""
@@ -143,7 +143,7 @@ class STTSModelMixin:
         self.stts_config = stts_config_of(self.config, self.stts_family)
         self.stts_scorer: STTSScorer | None = None
         if self.visual is not None:
-            install_key_bias(self.visual, self.stts_config.prune_at + 1)
+            install_biased_kernel(self.visual, self.stts_config.prune_at + 1)
         if self.stts_config.scorer == "learned":
             with self._mark_tower_model(vllm_config, "video"):  # type: ignore[attr-defined]
                 # float32 whatever the model dtype: see `score_units`.

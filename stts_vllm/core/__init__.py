@@ -6,7 +6,7 @@ variable-length sequences and in the LLM's M-RoPE grid), `attention` (the biased
 `driver` (the pruned forward pass of any tower, through a small adapter).
 """
 
-from stts_vllm.core.attention import varlen_attention
+from stts_vllm.core.attention import BIAS_CHANNELS, varlen_attention, with_key_bias_channel
 from stts_vllm.core.config import STTSConfig
 from stts_vllm.core.packing import (
     PackedUnits,
@@ -30,6 +30,7 @@ from stts_vllm.core.scoring import (
 from stts_vllm.core.selection import retained_count, retention_mask, step_quotas
 
 __all__ = [
+    "BIAS_CHANNELS",
     "PackedUnits",
     "STTSConfig",
     "STTSScorer",
@@ -50,4 +51,5 @@ __all__ = [
     "token_rows",
     "varlen_attention",
     "window_partition",
+    "with_key_bias_channel",
 ]

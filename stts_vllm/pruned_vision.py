@@ -10,6 +10,7 @@ modified.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from vllm.model_executor.layers.attention import MMEncoderAttention
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VisionTransformer
 from vllm.model_executor.models.qwen3_vl import Qwen3_VisionTransformer
 from vllm.model_executor.models.utils import cast_overflow_tensors
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from stts_vllm.core import BIAS_CHANNELS, STTSConfig, STTSScorer, with_key_bias_channel
 from stts_vllm.core.driver import PrunedTower, PruningPlan, Rotary, plan_pruning, run_pruned_tower
@@ -112,6 +114,9 @@ class _VLLMTower:
 
     def _block_kind(self, index: int) -> str:
         return "full"
+
+    def host_sync(self) -> AbstractContextManager[Any]:
+        return gpu_sync_allowed()
 
     def layout(self, packed: PackedUnits) -> dict[str, dict[str, Any]]:
         return {

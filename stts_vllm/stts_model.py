@@ -15,6 +15,7 @@ import torch
 from vllm.config import VllmConfig
 from vllm.model_executor.models.qwen2_5_vl import Qwen2_5_VLVideoPixelInputs
 from vllm.multimodal.inputs import MultiModalFieldConfig
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 from vllm.utils.tensor_schema import TensorShape
 
 from stts_vllm.core import STTSConfig, STTSScorer
@@ -173,13 +174,14 @@ class STTSModelMixin:
     def _process_video_input(self, video_input: Any) -> tuple[torch.Tensor, ...]:
         if not isinstance(video_input, STTSVideoPixelInputs):
             return super()._process_video_input(video_input)  # type: ignore[misc]
-        keep_ratios = [float(k) for k in video_input["stts_keep_ratio"].reshape(-1)]
+        with gpu_sync_allowed():  # per-item sizes and ratios, as stock EVS reads them
+            keep_ratios = video_input["stts_keep_ratio"].reshape(-1).tolist()
+            grids = video_input["video_grid_thw"].tolist()
         if all(k >= 1.0 for k in keep_ratios):
             return super()._process_video_input(video_input)  # type: ignore[misc]
         # One video at a time: the early blocks see every patch, and the scheduler's encoder
         # budget counts pruned tokens, so batching all scheduled videos could exceed the
         # memory profiled for one unpruned video.
-        grids = video_input["video_grid_thw"].tolist()
         pixels = video_input["pixel_values_videos"].split([t * h * w for t, h, w in grids])
         embeds, masks = [], []
         for item_pixels, grid, keep in zip(pixels, grids, keep_ratios, strict=True):
@@ -212,7 +214,8 @@ class STTSModelMixin:
     def _with_positions(self, modality: str, embeds: Sequence[torch.Tensor], inputs: Any) -> tuple:
         """Each item's embeddings with its kept units' positions appended as columns
         (vLLM's pruning format); the masks the pruned tower chose travel with `inputs`."""
-        grids = inputs[f"{modality}_grid_thw"].tolist()
+        with gpu_sync_allowed():
+            grids = inputs[f"{modality}_grid_thw"].tolist()
         masks = getattr(inputs, "stts_keep_masks", None) or [None] * len(grids)
         out = []
         for index, (emb, grid, mask) in enumerate(zip(embeds, grids, masks, strict=True)):

@@ -12,6 +12,7 @@ transformers' Qwen2.5-VL, Qwen3-VL, ...) embeds patches, runs a block, and merge
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -61,6 +62,11 @@ class TowerAdapter(Protocol):
         bias: torch.Tensor,
     ) -> torch.Tensor:
         """Block `index` with `bias[key]` (`[S]`, float32) added to every query's logit."""
+        ...
+
+    def host_sync(self) -> AbstractContextManager[Any]:
+        """Where the driver reads the chosen units back to the host (packing needs Python
+        sizes): vLLM's `gpu_sync_allowed()`, so `VLLM_GPU_SYNC_CHECK` knows it is meant."""
         ...
 
     def tap(self, position: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -187,7 +193,8 @@ def run_pruned_tower(
         taps[plan.biased] = adapter.tap(list(adapter.taps).index(plan.biased), hidden)
 
     # Hard pruning: keep the surviving units' rows and re-cut the sequences around them.
-    packed = pack_kept_units(plan.grids, out.keep_masks, adapter.window, unit_size)
+    with adapter.host_sync():  # the one device-to-host read of the pruned pass
+        packed = pack_kept_units(plan.grids, out.keep_masks, adapter.window, unit_size)
     kept_units = packed.kept_rows.to(device)
     rows = token_rows(kept_units, unit_size)
     hidden = hidden[rows]

@@ -9,6 +9,7 @@ for the auxiliary loss.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -41,6 +42,9 @@ class _HFTower:
 
     def _cu(self, index: int, packed: PackedUnits) -> torch.Tensor:
         return packed.cu_seqlens
+
+    def host_sync(self) -> AbstractContextManager[Any]:
+        return nullcontext()
 
     def layout(self, packed: PackedUnits) -> PackedUnits:
         return packed

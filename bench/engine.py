@@ -191,6 +191,23 @@ def measure(engines: dict, frames: int, size: int, repeats: int, tokenizer: Any)
     return rows
 
 
+def median_seconds(fns: list[Any], repeats: int) -> list[float]:
+    """Median wall time of each of `fns`, after one warm-up call each, interleaved so that
+    drift of the machine hits them alike."""
+    import torch
+
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.inference_mode():
+        for fn in fns:
+            fn()
+        for _ in range(repeats):
+            for fn, spent in zip(fns, times, strict=True):
+                start = time.perf_counter()
+                fn()
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(spent) for spent in times]
+
+
 def biased_block_cost(model: Any, frames: int, size: int, repeats: int) -> dict:
     """Block `prune_at + 1` with the key bias (one stock-kernel call, heads a bias channel
     wider) against the same block run stock, on the same hidden states: the price of the bias."""
@@ -205,24 +222,17 @@ def biased_block_cost(model: Any, frames: int, size: int, repeats: int) -> dict:
     pixels = torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * patch * patch)
     adapter = tower_adapter(visual)
     plan = plan_pruning(adapter, [grid], [0.5], config, config.selection)
-    times: dict[str, list[float]] = {"stock": [], "biased": []}
     with torch.inference_mode():
         hidden, rotary, layout = adapter.embed(pixels, plan)
-        bias = -torch.rand(hidden.shape[0]) * 4
+    bias = -torch.rand(hidden.shape[0]) * 4
 
-        def stock() -> None:
-            adapter.run_block(plan.biased, hidden, rotary, layout)
+    def stock() -> None:
+        adapter.run_block(plan.biased, hidden, rotary, layout)
 
-        def biased() -> None:
-            adapter.run_biased_block(plan.biased, hidden, rotary, plan.dense, bias)
+    def biased() -> None:
+        adapter.run_biased_block(plan.biased, hidden, rotary, plan.dense, bias)
 
-        stock(), biased()
-        for _ in range(repeats):
-            for name, fn in (("stock", stock), ("biased", biased)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    stock_s, biased_s = statistics.median(times["stock"]), statistics.median(times["biased"])
+    stock_s, biased_s = median_seconds([stock, biased], repeats)
     return {
         "frames": frames,
         "stock_block_seconds": stock_s,
@@ -265,16 +275,7 @@ def overhead_share(model: Any, frames: int, size: int, repeats: int) -> dict:
             selection=config.selection,
         )
 
-    times: dict[str, list[float]] = {"overhead": [], "vit": []}
-    with torch.inference_mode():
-        overhead()
-        vit()
-        for _ in range(repeats):
-            for name, fn in (("overhead", overhead), ("vit", vit)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    over, vit_time = statistics.median(times["overhead"]), statistics.median(times["vit"])
+    over, vit_time = median_seconds([overhead, vit], repeats)
     return {
         "frames": frames,
         "overhead_seconds": over,

@@ -60,6 +60,7 @@ class ServedFacts:
     decode_seconds: float | None = None
     completion_tokens: int = 0
     owner: str = SHARED_OWNER  # whose uploaded files the request may use
+    failed_before_output: bool = False  # the engine ended it with an error, no token out
 
 
 class ChatRequest(ChatCompletionRequest):
@@ -70,6 +71,10 @@ class ChatRequest(ChatCompletionRequest):
     @property
     def served(self) -> ServedFacts:
         return self._served
+
+    def serve_again(self) -> None:
+        """Fresh facts for a second attempt (same owner)."""
+        self._served = ServedFacts(owner=self._served.owner)
 
     @model_validator(mode="before")
     @classmethod

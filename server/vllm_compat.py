@@ -109,6 +109,10 @@ async def _observe(request: ChatRequest, outputs: AsyncIterator[Any]) -> AsyncIt
     served = request.served
     async for output in outputs:
         tokens = sum(len(c.token_ids) for c in output.outputs)
+        if output.finished and not served.completion_tokens and not tokens:
+            # vLLM: finish_reason "error" is a retryable request-level failure (e.g. its
+            # multimodal processor caches drifted apart; the stale entries are dropped by now)
+            served.failed_before_output = any(c.finish_reason == "error" for c in output.outputs)
         if tokens and served.first_token_at is None:
             served.first_token_at = time.monotonic()
         served.completion_tokens += tokens

@@ -140,10 +140,31 @@ async def chat_completions(
 async def _respond(
     body: ChatRequest, request: Request, state: Any, ticket: Ticket, timing: _Timing
 ) -> JSONResponse | StreamingResponse:
-    """vLLM's answer with our report; a stream takes over the ticket and the timing."""
+    """vLLM's answer with our report; a stream takes over the ticket and the timing.
+
+    A request the engine ended with an error before any output (vLLM calls these retryable:
+    e.g. its two multimodal caches drifted apart and the stale entries are now dropped) is
+    served once more, media and all, before the client hears of it."""
     deadline = timing.start + state.settings.request_timeout_seconds
-    work = asyncio.ensure_future(state.chat.create_chat_completion(body, request))
-    result = await _until_disconnect(request, work, deadline, state)
+    for attempt in (1, 2):
+        work = asyncio.ensure_future(state.chat.create_chat_completion(body, request))
+        result = await _until_disconnect(request, work, deadline, state)
+        first = None
+        if isinstance(result, AsyncIterator):  # a stream: its first event decides
+            first = await _until_disconnect(
+                request, asyncio.ensure_future(anext(result)), deadline, state
+            )
+        failed = isinstance(result, VLLMErrorResponse) or (
+            first is not None and _error_event(first) is not None
+        )
+        if not (attempt == 1 and failed and body.served.failed_before_output):
+            break
+        if first is not None:
+            await result.aclose()
+        logger.warning("the engine failed a request before its first token; serving it again")
+        body.serve_again()
+    if first is not None:
+        return await _respond_stream(body, result, first, ticket, timing, state, request)
     served = body.served
     if isinstance(result, VLLMErrorResponse):
         raise APIError(
@@ -161,11 +182,22 @@ async def _respond(
         if served.stts is not None:
             content["stts"] = served.stts.model_dump()
         return JSONResponse(content)
-    first = await _until_disconnect(request, asyncio.ensure_future(anext(result)), deadline, state)
+    raise TypeError(f"unexpected answer from vLLM's chat serving: {type(result).__name__}")
+
+
+async def _respond_stream(
+    body: ChatRequest,
+    result: AsyncIterator[str],
+    first: str,
+    ticket: Ticket,
+    timing: _Timing,
+    state: Any,
+    request: Request,
+) -> StreamingResponse:
     if (error := _error_event(first)) is not None:
         await result.aclose()
         raise error  # nothing streamed yet: an HTTP error rather than a 200 with an error
-    _record_video_tokens(served.stts)
+    _record_video_tokens(body.served.stts)
     return StreamingResponse(
         _stream(body, first, result, ticket, timing, state, request),
         media_type="text/event-stream",

@@ -96,8 +96,12 @@ class _MediaItem:
     kind: str  # "image" | "video"
     url: str | None = None  # an image, or a video file
     frame_urls: list[str] | None = None  # a video sent as frame images
-    prepared: Any = None
-    plan: FramePlan | None = None  # frame-list videos
+    prepared: Any = None  # PreparedImage | PreparedFrames | PreparedVideo
+
+    @property
+    def plan(self) -> FramePlan | None:
+        """A video's frame plan, once prepared (images have none)."""
+        return getattr(self.prepared, "plan", None)
 
 
 class _MessageParts:
@@ -223,8 +227,7 @@ class _Loader:
         if item.kind == "image":
             item.prepared = await media.prepare_image(item.url, self.owner)
         elif item.frame_urls is not None:
-            images = [await media.prepare_image(url, self.owner) for url in item.frame_urls]
-            item.prepared, item.plan = images, media.frames_plan(images)
+            item.prepared = await media.prepare_frames(item.frame_urls, self.owner, fps=self.fps)
         else:
             options = self.options
             item.prepared = await media.prepare_video(
@@ -236,13 +239,12 @@ class _Loader:
                 keep_ratio=self.keep,
                 test_time_scaling=options.test_time_scaling,
             )
-            item.plan = item.prepared.plan
 
     async def load(self, item: _MediaItem) -> Any:
         if item.kind == "image":
             return await self.media.load_image(item.prepared)
         if item.frame_urls is not None:
-            return await self.media.load_frames(item.prepared, item.plan, fps=self.fps)
+            return await self.media.load_frames(item.prepared)
         return await self.media.load_video(item.prepared)
 
 

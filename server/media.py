@@ -17,8 +17,9 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -106,6 +107,15 @@ class PreparedImage:
     data: bytes | Path
     width: int
     height: int
+
+
+@dataclass(frozen=True)
+class PreparedFrames:
+    """A video sent as frame images, headers read and planned, no pixel decoded yet."""
+
+    images: list[PreparedImage]
+    plan: FramePlan
+    fps: float
 
 
 @dataclass(frozen=True)
@@ -207,11 +217,8 @@ class MediaLoader:
     def _image_header(self, data: bytes | Path) -> PreparedImage:
         """Size from the header only: nothing is decoded before the whole request's budget
         is checked."""
-        try:
-            with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise MediaError("invalid_image", f"not a readable image ({exc})") from exc
+        with _open_image(data) as image:
+            width, height = image.size
         if width * height > self.settings.max_image_pixels:
             raise MediaError(
                 "media_too_large",
@@ -326,25 +333,28 @@ class MediaLoader:
         metadata = self._metadata(decoded.times, fps_sampled, info.duration)
         return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit, metadata)
 
-    def frames_plan(self, images: list[PreparedImage]) -> FramePlan:
-        """A video sent as a run of frame images: every frame scaled to the first's size."""
+    async def prepare_frames(
+        self, urls: list[str], owner: str = SHARED_OWNER, *, fps: float
+    ) -> PreparedFrames:
+        """A video sent as a run of frame images (time order), e.g. lmms-eval's clients:
+        every frame's header read, every frame to be scaled to the first's size."""
+        images = [await self.prepare_image(url, owner) for url in urls]
         first = images[0]
         try:
             size = frame_size(first.height, first.width, self.geometry, len(images))
         except ValueError as exc:  # e.g. a 1x250 image: no patch grid fits
             raise MediaError("invalid_image", f"frame image cannot be used: {exc}") from exc
-        return FramePlan(times=[0.0] * len(images), size=size, test_time_scaled=False)
-
-    async def load_frames(
-        self, images: list[PreparedImage], plan: FramePlan, *, fps: float
-    ) -> LoadedVideo:
-        """A video sent as a run of frame images (time order), e.g. lmms-eval's clients."""
-        frames = await self._run(_frame_stack, [i.data for i in images], plan.size)
         times = [i / fps for i in range(len(images))]
-        plan = dataclasses.replace(plan, times=times)
+        return PreparedFrames(
+            images, FramePlan(times=times, size=size, test_time_scaled=False), fps
+        )
+
+    async def load_frames(self, prepared: PreparedFrames) -> LoadedVideo:
+        plan, fps = prepared.plan, prepared.fps
+        frames = await self._run(_frame_stack, [i.data for i in prepared.images], plan.size)
         metrics.DECODES.labels(cache="miss").inc()
-        duration = len(images) / fps
-        metadata = self._metadata(times, fps, duration)
+        duration = len(plan.times) / fps
+        metadata = self._metadata(plan.times, fps, duration)
         return LoadedVideo(frames, fps, duration, plan, False, metadata)
 
 
@@ -362,12 +372,20 @@ def _file_media(path: Path) -> MediaBytes:
     return MediaBytes(data, None, _sha256(data))
 
 
-def _decode_image(data: bytes | Path) -> Image.Image:
+@contextmanager
+def _open_image(data: bytes | Path) -> Iterator[Image.Image]:
+    """PIL's lazy open (header only until pixels are asked for); any failure, then or while
+    decoding, is the client's unreadable image."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
-            return image.convert("RGB")
+            yield image
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise MediaError("invalid_image", f"not a readable image ({exc})") from exc
+
+
+def _decode_image(data: bytes | Path) -> Image.Image:
+    with _open_image(data) as image:
+        return image.convert("RGB")
 
 
 def _frame_stack(images: list[bytes | Path], size: tuple[int, int]) -> np.ndarray:

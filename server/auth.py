@@ -11,6 +11,9 @@ from server.settings import Settings
 SHARED_OWNER = "shared"
 """The one file namespace when the server has no per-key namespaces (`api_keys` unset)."""
 
+OWNER_KEY = "stts_owner"
+"""`scope["state"][OWNER_KEY]`: the namespace `authenticate` found, for the routes."""
+
 
 def accepted_keys(settings: Settings) -> list[str]:
     return [*([settings.api_key] if settings.api_key else []), *settings.api_keys]

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from server import metrics
-from server.auth import authenticate
+from server.auth import OWNER_KEY, authenticate
 from server.errors import error_body
 
 Scope = MutableMapping[str, Any]
@@ -117,7 +117,8 @@ class RequestGuard:
             )
             return
         headers = _headers(scope)
-        if authenticate(settings, headers.get("authorization")) is None:
+        owner = authenticate(settings, headers.get("authorization"))
+        if owner is None:
             await _send_error(
                 send,
                 401,
@@ -125,6 +126,7 @@ class RequestGuard:
                 "invalid_api_key",
             )
             return
+        scope.setdefault("state", {})[OWNER_KEY] = owner  # routes read it (`OwnerDep`)
         limit = self._body_limit(scope["path"])
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

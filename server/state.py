@@ -8,8 +8,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 
 from server import metrics
-from server.auth import SHARED_OWNER as SHARED_OWNER
-from server.auth import authenticate
+from server.auth import OWNER_KEY
 from server.engine import EngineService
 from server.errors import ENGINE_DEAD, APIError
 from server.file_store import FileStore
@@ -79,8 +78,9 @@ def get_state(request: Request) -> AppState:
 
 
 def require_api_key(request: Request) -> str:
-    """The caller's file namespace (see `authenticate`); 401 without a valid key."""
-    owner = authenticate(request.app.state.stts.settings, request.headers.get("authorization"))
+    """The caller's file namespace, as `server.http_guard` authenticated it (before the body
+    was read); 401 if the request did not pass the guard."""
+    owner = request.scope.get("state", {}).get(OWNER_KEY)
     if owner is None:
         raise APIError(
             401, "missing or invalid API key (Authorization: Bearer <key>)", code="invalid_api_key"
@@ -100,4 +100,4 @@ def require_ready(request: Request) -> None:
 
 StateDep = Annotated[AppState, Depends(get_state)]
 OwnerDep = Annotated[str, Depends(require_api_key)]
-"""The authenticated caller's file namespace (`SHARED_OWNER` unless `api_keys` is set)."""
+"""The authenticated caller's file namespace (`auth.SHARED_OWNER` unless `api_keys` is set)."""

@@ -55,7 +55,7 @@ def biased_attention(
 ) -> torch.Tensor:
     """`Qwen2_5_VisionAttention.forward` (vLLM 0.32, shared by the Qwen2.5-VL and Qwen3-VL
     towers) with `bias` added to every key's logit: the stock projections and rotary
-    embedding, the stock kernel on heads one bias channel wider, one call for every sequence."""
+    embedding, the stock kernel on heads `BIAS_CHANNELS` wider, one call for every sequence."""
     qkv, _ = attn.qkv(x)
     seq_len, batch, _ = qkv.shape
     heads, head_dim = attn.num_attention_heads_per_partition, attn.hidden_size_per_attention_head

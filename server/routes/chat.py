@@ -42,10 +42,12 @@ def _from_vllm(exc: Exception) -> APIError:
 
 
 class _Timing:
-    """TTFT and time per output token of one request, recorded into the metrics."""
+    """TTFT and time per output token of one request, recorded into the metrics, and the
+    request's deadline."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
         self.start = time.monotonic()
+        self.deadline = self.start + timeout
         self.first: float | None = None
 
     def first_token(self, ticket: Ticket, at: float) -> None:
@@ -121,7 +123,7 @@ async def chat_completions(
     if body.user:
         logger.info("chat completion for user %r", body.user)
     ticket = state.admission.acquire()
-    timing = _Timing()
+    timing = _Timing(state.settings.request_timeout_seconds)
     try:
         response = await _respond(body, request, state, ticket, timing)
     except BaseException as exc:
@@ -145,7 +147,7 @@ async def _respond(
     A request the engine ended with an error before any output (vLLM calls these retryable:
     e.g. its two multimodal caches drifted apart and the stale entries are now dropped) is
     served once more, media and all, before the client hears of it."""
-    deadline = timing.start + state.settings.request_timeout_seconds
+    deadline = timing.deadline
     for attempt in (1, 2):
         work = asyncio.ensure_future(state.chat.create_chat_completion(body, request))
         result = await _until_disconnect(request, work, deadline, state)
@@ -261,9 +263,9 @@ async def _stream(
             yield event
             if event == _DONE:
                 break
-            remaining = timing.start + state.settings.request_timeout_seconds - time.monotonic()
+            remaining = max(0.0, timing.deadline - time.monotonic())
             try:
-                event = await asyncio.wait_for(anext(events, None), max(0.0, remaining))
+                event = await asyncio.wait_for(anext(events, None), remaining)
             except TimeoutError:
                 status = 504
                 yield _our_error_event(_deadline_error(state), False)

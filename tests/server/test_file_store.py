@@ -234,7 +234,8 @@ def test_flat_layout_moves_into_the_shared_namespace(tmp_path: Path) -> None:
 
 
 def test_routes_work_in_the_callers_namespace(tmp_path: Path) -> None:
-    """The `/v1/files` routes alone (no engine): each key sees only its own uploads."""
+    """The `/v1/files` routes behind the request guard (no engine): each key sees only its
+    own uploads."""
     from types import SimpleNamespace
 
     from fastapi import FastAPI
@@ -242,14 +243,16 @@ def test_routes_work_in_the_callers_namespace(tmp_path: Path) -> None:
     from media import encode_mp4, level_video
 
     from server.errors import install_error_handlers
+    from server.http_guard import RequestGuard
     from server.routes import files
     from server.settings import Settings
 
     app = FastAPI()
     app.state.stts = SimpleNamespace(
-        settings=Settings(api_keys=["ka", "kb"]), files=_store(tmp_path)
+        settings=Settings(api_keys=["ka", "kb"]), files=_store(tmp_path), draining=False
     )
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, state=app.state.stts)  # authenticates, as in the server
     app.include_router(files.router)
     video = encode_mp4(level_video(4))
     with TestClient(app) as client:

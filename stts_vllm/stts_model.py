@@ -8,6 +8,7 @@ the placement of kept tokens after the encoder runs and the scorer weights live 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from vllm.utils.tensor_schema import TensorShape
 
 from stts_vllm.core import STTSConfig, STTSScorer
 from stts_vllm.core.config import STTSConfigError, check_keep_ratio
+from stts_vllm.core.selection import retained_count
 from stts_vllm.families import Family, resolve_stts
 from stts_vllm.positions import (
     POSITION_COLUMNS,
@@ -28,6 +30,12 @@ from stts_vllm.positions import (
     place_media_positions,
 )
 from stts_vllm.pruned_vision import install_biased_kernel, pruned_vision_forward
+from stts_vllm.sharded_videos import run_sharded
+
+
+class PositionMismatchError(RuntimeError):
+    """Kept media tokens whose carried positions do not fit their prompt's placeholders."""
+
 
 KEEP_RATIO_KWARG = "stts_keep_ratio"
 """Per-request keep ratio: `mm_processor_kwargs={"stts_keep_ratio": r}`."""
@@ -74,6 +82,18 @@ class STTSProcessingInfoMixin:
             return self.get_stts_config().keep_ratio
         return check_keep_ratio(requested, KEEP_RATIO_KWARG)
 
+    def planned_video_tokens(self, item: Any) -> int | None:
+        """How many embeddings the pruned tower returns for a processed video item (its kept
+        units), from its grid and keep ratio; None for precomputed embeddings."""
+        grid = item.get("video_grid_thw") if item is not None else None
+        if grid is None or item.get("pixel_values_videos") is None:
+            return None
+        merge = self.get_hf_config().vision_config.spatial_merge_size  # type: ignore[attr-defined]
+        t, h, w = (int(x) for x in grid.data)
+        return retained_count(
+            t, (h // merge) * (w // merge), STTSProcessorMixin.item_keep_ratio(item)
+        )
+
     def check_placeholder_tokens(self, inputs: Any) -> None:
         """One placeholder run per media item, no placeholder token elsewhere: kept tokens
         are placed by finding their placeholder runs in the prompt, so a stray pad token (a
@@ -99,7 +119,34 @@ class STTSProcessorMixin:
 
     def apply(self, inputs: Any, timing_ctx: Any) -> Any:
         self.info.check_placeholder_tokens(inputs)
-        return super().apply(inputs, timing_ctx)  # type: ignore[misc]
+        processed = super().apply(inputs, timing_ctx)  # type: ignore[misc]
+        self.check_video_layout(processed)
+        return processed
+
+    def check_video_layout(self, processed: Any) -> None:
+        """Each video's placeholder must hold exactly as many video tokens as the pruned tower
+        will return for it. The runner slices encoder outputs by placeholder, so a mismatch
+        would not fail there: kept tokens would be dropped or shifted and their positions
+        placed on the wrong tokens, a silently wrong answer. Refused here, for this request
+        only, before the engine sees it (vLLM's runner has no per-request error path)."""
+        video_token = self.info.get_hf_config().video_token_id
+        ids = processed["prompt_token_ids"]
+        items = processed["mm_kwargs"].get("video", [])
+        placeholders = processed["mm_placeholders"].get("video", [])
+        if len(items) != len(placeholders):
+            raise ValueError(f"{len(placeholders)} video placeholders for {len(items)} videos")
+        for index, (item, placeholder) in enumerate(zip(items, placeholders, strict=True)):
+            planned = self.info.planned_video_tokens(item)
+            if planned is None:
+                continue
+            span = ids[placeholder.offset : placeholder.offset + placeholder.length]
+            found = sum(1 for token in span if token == video_token)
+            if found != planned or placeholder.get_num_embeds() != planned:
+                raise ValueError(
+                    f"video {index}: the prompt holds {found} video tokens "
+                    f"({placeholder.get_num_embeds()} embedding slots) but the pruned tower "
+                    f"returns {planned} for it; refusing rather than misplacing its tokens"
+                )
 
     def split_keep_ratio(self, hf_kwargs: Mapping[str, object]) -> tuple[float, dict]:
         """The request's value, else the server's --mm-processor-kwargs, else the
@@ -183,22 +230,66 @@ class STTSModelMixin:
         # budget counts pruned tokens, so batching all scheduled videos could exceed the
         # memory profiled for one unpruned video.
         pixels = video_input["pixel_values_videos"].split([t * h * w for t, h, w in grids])
-        embeds, masks = [], []
-        for item_pixels, grid, keep in zip(pixels, grids, keep_ratios, strict=True):
-            pruned = self._pruned_vision_forward(
-                self.visual,
-                item_pixels,
-                [grid],
-                [keep],
-                config=self.stts_config,
-                scorer=self.stts_scorer,
-                selection=self.stts_config.selection,
-            )
-            embeds.extend(pruned.embeds)
-            masks.extend(pruned.keep_masks)
+        merge = self.config.vision_config.spatial_merge_size
+
+        def encode(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            out = []
+            for i in indices:
+                pruned = self._pruned_vision_forward(
+                    self.visual,
+                    pixels[i],
+                    [grids[i]],
+                    [keep_ratios[i]],
+                    config=self.stts_config,
+                    scorer=self.stts_scorer,
+                    selection=self.stts_config.selection,
+                )
+                (embeds,), (mask,) = pruned.embeds, pruned.keep_masks
+                if mask is None:  # keep 1.0: every unit
+                    mask = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+                out.append((embeds, mask))
+            return out
+
+        if getattr(self, "use_data_parallel", False):
+            results = self._encode_sharded(grids, keep_ratios, merge, encode)
+        else:
+            results = encode(list(range(len(grids))))
         # Carried with this call's data (not on self) to the position step.
-        video_input.stts_keep_masks = masks  # type: ignore[attr-defined]
-        return tuple(embeds)
+        video_input.stts_keep_masks = [mask for _, mask in results]  # type: ignore[attr-defined]
+        return tuple(embeds for embeds, _ in results)
+
+    def _encode_sharded(
+        self,
+        grids: list[list[int]],
+        keep_ratios: list[float],
+        merge: int,
+        encode: Any,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`mm_encoder_tp_mode="data"`: each rank prunes its share of the videos and the
+        embeddings and keep masks are gathered (`sharded_videos`)."""
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+            tensor_model_parallel_all_gather,
+        )
+
+        units = [t * (h // merge) * (w // merge) for t, h, w in grids]
+        kept = [
+            retained_count(t, (h // merge) * (w // merge), keep)
+            for (t, h, w), keep in zip(grids, keep_ratios, strict=True)
+        ]
+        return run_sharded(
+            [t * h * w for t, h, w in grids],
+            kept,
+            units,
+            encode,
+            rank=get_tensor_model_parallel_rank(),
+            world=get_tensor_model_parallel_world_size(),
+            all_gather=lambda x: tensor_model_parallel_all_gather(x, dim=0),
+            width=self.visual.out_hidden_size,
+            dtype=self.visual.dtype,
+            device=self.visual.device,
+        )
 
     def _pruned_vision_forward(self, *args: Any, **kwargs: Any) -> Any:
         """The pruned tower; a method so that a test can spy on one live model's calls."""
@@ -235,6 +326,51 @@ class STTSModelMixin:
     ) -> tuple[torch.Tensor, ...]:
         return self._with_positions("video", video_embeds_split, video_input)
 
+    # -- encoder CUDA graphs: images keep theirs --
+
+    def get_encoder_cudagraph_config(self) -> Any:
+        """Stock turns encoder CUDA graphs off for every modality in pruning mode (its graph
+        path skips the position columns). Images are never pruned, so they keep their graphs
+        and get their columns in `postprocess_encoder_output`; videos run eagerly, since their
+        keep ratio is per request and pruning happens inside the tower."""
+        config = super().get_encoder_cudagraph_config()  # type: ignore[misc]
+        if not getattr(self, "is_multimodal_pruning_enabled", False):
+            return config
+        # The DP gather sizes its buffers by this width: the columns travel with the output.
+        return dataclasses.replace(
+            config,
+            modalities=["image"],
+            max_frames_per_video=1,
+            out_hidden_size=config.out_hidden_size + POSITION_COLUMNS,
+        )
+
+    def postprocess_encoder_output(
+        self,
+        outputs: dict[str, torch.Tensor],
+        indices: list[int],
+        per_item_out_tokens: list[int],
+        dest: dict[int, torch.Tensor] | list[torch.Tensor | None],
+        clone: bool = False,
+        batch_mm_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        """The graph (or its eager fallback) output of a batch of images, in the format eager
+        images have in pruning mode: each item with its positions as extra columns."""
+        super().postprocess_encoder_output(  # type: ignore[misc]
+            outputs, indices, per_item_out_tokens, dest, clone, batch_mm_kwargs
+        )
+        if not getattr(self, "is_multimodal_pruning_enabled", False):
+            return
+        if batch_mm_kwargs is None or "image_grid_thw" not in batch_mm_kwargs:
+            raise PositionMismatchError("encoder graph output without its image grids")
+        grids = batch_mm_kwargs["image_grid_thw"]
+        with gpu_sync_allowed():
+            grids = grids.tolist() if isinstance(grids, torch.Tensor) else list(grids)
+        for k, index in enumerate(indices):
+            embeds = dest[index]
+            assert embeds is not None
+            positions = encode_positions(self.media_positions("image", grids[k], None, k), embeds)
+            dest[index] = torch.cat([embeds, positions], dim=1)
+
     def recompute_mrope_positions(
         self,
         input_ids: list[int] | torch.Tensor,
@@ -248,23 +384,29 @@ class STTSModelMixin:
         between a vision-start token and its first media token."""
         embeds = [mm[:, :-POSITION_COLUMNS] for mm in multimodal_embeddings]
         if not multimodal_embeddings:  # nothing placed this step: positions are exact already
-            ids_len = len(input_ids)
-            delta = int(mrope_positions.max()) + 1 - ids_len if mrope_positions.numel() else 0
+            with gpu_sync_allowed():
+                top = int(mrope_positions.max()) if mrope_positions.numel() else -1
+            delta = top + 1 - len(input_ids) if mrope_positions.numel() else 0
             return embeds, mrope_positions, delta
-        ids = torch.as_tensor(input_ids).cpu()
-        media = ids.eq(self.config.image_token_id) | ids.eq(self.config.video_token_id)
-        carried = [decode_positions(mm[:, -POSITION_COLUMNS:]) for mm in multimodal_embeddings]
-        try:
-            positions = place_media_positions(media, carried, mrope_positions, num_computed_tokens)
-        except ValueError:  # never take the engine down over one request's positions
-            from vllm.logger import init_logger
-
-            init_logger(__name__).exception(
-                "could not place pruned media positions; keeping previous ones"
-            )
-            positions = mrope_positions
-        delta = int(positions.max()) + 1 - len(ids) if positions.numel() else 0
-        return embeds, positions, delta
+        with gpu_sync_allowed():  # the V2 runner hands the prompt over on the GPU
+            ids = torch.as_tensor(input_ids).cpu()
+            media = ids.eq(self.config.image_token_id) | ids.eq(self.config.video_token_id)
+            carried = [
+                decode_positions(mm[:, -POSITION_COLUMNS:]).cpu() for mm in multimodal_embeddings
+            ]
+            try:
+                positions = place_media_positions(
+                    media, carried, mrope_positions.cpu(), num_computed_tokens
+                )
+            except ValueError as err:
+                # The processor refuses every request whose placeholders disagree with the
+                # tower (`check_video_layout`), so this is an engine bug: keeping stale
+                # positions would answer wrongly and silently.
+                raise PositionMismatchError(
+                    f"pruned media positions do not fit the prompt: {err}"
+                ) from err
+            delta = int(positions.max()) + 1 - len(ids) if positions.numel() else 0
+        return embeds, positions.to(mrope_positions.device), delta
 
     # -- weights --
 

@@ -6,7 +6,7 @@ PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install demo serve test lint clean
+.PHONY: install demo serve test lint clean gpu-check
 
 install: .venv/.installed
 
@@ -31,6 +31,13 @@ test: install
 	bash scripts/install_test_tools.sh
 	.venv/bin/ruff check .
 	bash scripts/run_tests.sh
+
+# A CUDA machine only (never CI): installs vllm==0.32.* in .venv-gpu, runs the engine suite in
+# float32 and bfloat16 (V2 runner, CUDA graphs) and the 448² benchmark; one JSON + PNG report.
+# GPU_CHECK_ARGS="--checkpoint /models/qwen2.5-vl-7b-stts" adds a real checkpoint.
+gpu-check:
+	bash scripts/install_gpu.sh
+	.venv-gpu/bin/python scripts/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache

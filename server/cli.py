@@ -70,7 +70,14 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=max(1, round(settings.drain_seconds)),
     )
     server = _DrainingServer(config, app.state.stts)
-    server.run()
+    # Bound before the engine starts (uvicorn would bind after the app's start-up): a taken
+    # port fails at once instead of after the model loads, and no port the engine's own
+    # processes pick while starting can take ours.
+    try:
+        socket = config.bind_socket()
+    except SystemExit:  # uvicorn has logged why (e.g. "Address already in use")
+        raise SystemExit(f"stts-serve: cannot listen on {settings.host}:{settings.port}") from None
+    server.run(sockets=[socket])
     if app.state.stts.engine.dead:
         raise SystemExit("stts-serve: the inference engine died; exiting so it can be restarted")
 

@@ -104,6 +104,7 @@ BENCH_GEOMETRY: dict[str, Any] = {
         "num_attention_heads": 16,
         "num_key_value_heads": 4,
         "max_window_layers": 8,
+        "max_position_embeddings": 65536,  # 256 frames of 448² fit unpruned (make gpu-check)
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 1000000.0,
@@ -189,6 +190,7 @@ QWEN3_BENCH_GEOMETRY: dict[str, Any] = {
         "num_attention_heads": 16,
         "num_key_value_heads": 4,
         "head_dim": 64,
+        "max_position_embeddings": 65536,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 5000000.0,

@@ -20,6 +20,8 @@ from stts_vllm.core import heuristic_scores, key_bias, retention_mask
 from stts_vllm.pruned_vision import pruned_vision_forward
 from tests.engine.conftest import live_model
 
+pytestmark = pytest.mark.float32_exact
+
 # (T, h, w) in patches: odd unit grids, several windows, a 1-step video, a tiny frame
 GRID_SETS = [
     [(4, 20, 28)],
@@ -41,7 +43,7 @@ def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 def _segment_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    ids = torch.zeros(length, dtype=torch.long)
+    ids = torch.zeros(length, dtype=torch.long, device=cu_seqlens.device)
     for i, (a, b) in enumerate(itertools.pairwise(cu_seqlens.tolist())):
         ids[a:b] = i
     return ids
@@ -83,7 +85,7 @@ def dense_reference(
         "full": _segment_ids(meta["cu_seqlens"], x.shape[0]),
         "window": _segment_ids(meta["cu_window_seqlens"], x.shape[0]),
     }
-    key_add = torch.zeros(x.shape[0])
+    key_add = torch.zeros(x.shape[0], device=x.device)
     masks: list[torch.Tensor] = []
     all_scores: list[torch.Tensor] = []
     for index, blk in enumerate(visual.blocks):
@@ -161,7 +163,7 @@ def model(
 @torch.inference_mode()
 def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: float) -> None:
     keeps = [keep] * len(grids)
-    pixels = _pixels(grids, seed=len(grids))
+    pixels = _pixels(grids, seed=len(grids)).to(model.visual.device)
     packed = pruned_vision_forward(
         model.visual, pixels, grids, keeps, config=model.stts_config, scorer=model.stts_scorer
     )
@@ -179,7 +181,7 @@ def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: flo
 def test_keep_one_items_on_the_pruned_path_are_stock(model: Any) -> None:
     """A batch mixing keep 1.0 and 0.5 items: the 1.0 item equals the stock tower's output."""
     grids = [(4, 12, 16), (2, 8, 8)]
-    pixels = _pixels(grids, seed=7)
+    pixels = _pixels(grids, seed=7).to(model.visual.device)
     packed = pruned_vision_forward(
         model.visual, pixels, grids, [1.0, 0.5], config=model.stts_config, scorer=model.stts_scorer
     )
@@ -194,7 +196,7 @@ def test_key_bias_changes_the_output_well_beyond_tolerance(model: Any) -> None:
     import dataclasses
 
     grids = [(4, 20, 28)]
-    pixels = _pixels(grids, seed=1)
+    pixels = _pixels(grids, seed=1).to(model.visual.device)
     flat = dataclasses.replace(model.stts_config, bias_floor=-1e-9)  # bias ~ 0 everywhere
     with_bias, without_bias = (
         pruned_vision_forward(

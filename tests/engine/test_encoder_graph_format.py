@@ -36,6 +36,7 @@ def test_graph_path_images_match_the_eager_format(
     merge = model.config.vision_config.spatial_merge_size
     grids = [(1, 2 * merge, 4 * merge), (1, 4 * merge, 2 * merge)]
     batch = _images(model.config.vision_config, grids)
+    batch["pixel_values"] = batch["pixel_values"].to(model.visual.device, model.visual.dtype)
 
     with torch.inference_mode():
         eager = model.embed_multimodal(**batch)

@@ -28,6 +28,8 @@ from tests.engine.test_dense_reference import (
     assert_close_to_reference,
 )
 
+pytestmark = pytest.mark.float32_exact
+
 # (T, h, w) in patches (16 px): odd unit grids, a 1-step video, several items
 GRID_SETS = [[(4, 10, 14)], [(1, 8, 8)], [(3, 6, 10), (2, 4, 4), (5, 2, 12)]]
 
@@ -62,7 +64,7 @@ def dense_reference(
     x = visual.patch_embed(visual.input_norm(pixels, visual.dtype)) + meta["pos_embeds"]
     x = x.unsqueeze(1)
     segments = _segment_ids(meta["cu_seqlens"], x.shape[0])
-    key_add = torch.zeros(x.shape[0])
+    key_add = torch.zeros(x.shape[0], device=x.device)
     masks: list[torch.Tensor] = []
     all_scores: list[torch.Tensor] = []
     taps: list[torch.Tensor] = []
@@ -134,7 +136,7 @@ def model(
 @torch.inference_mode()
 def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: float) -> None:
     keeps = [keep] * len(grids)
-    pixels = _pixels(grids, seed=len(grids))
+    pixels = _pixels(grids, seed=len(grids)).to(model.visual.device)
     packed = pruned_vision_forward(
         model.visual,
         pixels,
@@ -159,7 +161,7 @@ def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: flo
 @torch.inference_mode()
 def test_keep_one_items_on_the_pruned_path_are_stock(model: Any) -> None:
     grids = [(4, 8, 12), (2, 6, 6)]
-    pixels = _pixels(grids, seed=7)
+    pixels = _pixels(grids, seed=7).to(model.visual.device)
     packed = pruned_vision_forward(
         model.visual,
         pixels,

@@ -15,6 +15,8 @@ from stts_vllm.pruned_vision import pruned_vision_forward as serving_forward
 from stts_vllm.training.hf_vision import pruned_vision_forward as training_forward
 from tests.engine.conftest import live_model
 
+pytestmark = pytest.mark.float32_exact
+
 CASES = {
     # name: (checkpoint fixture, transformers class, patch, grids in patches)
     "qwen2_5_vl": ("demo_ckpt", "Qwen2_5_VLForConditionalGeneration", 14, [(4, 20, 28), (2, 8, 8)]),
@@ -54,13 +56,15 @@ def test_training_tower_equals_serving_tower(
     fixture, hf_class, patch, grids = CASES[case]
     ckpt: Path = request.getfixturevalue(fixture)
     served: Any = live_model(engines.get(ckpt))
-    hf = getattr(transformers, hf_class).from_pretrained(ckpt, dtype=torch.float32).eval()
+    device = served.visual.device
+    hf = getattr(transformers, hf_class).from_pretrained(ckpt, dtype=torch.float32)
+    hf = hf.eval().to(device)
     scorer = None
     if served.stts_scorer is not None:
-        scorer = STTSScorer(served.config.vision_config.hidden_size).float()
+        scorer = STTSScorer(served.config.vision_config.hidden_size).float().to(device)
         scorer.load_state_dict(served.stts_scorer.state_dict())
     config = served.stts_config
-    pixels = _pixels(grids, patch)
+    pixels = _pixels(grids, patch).to(device)
     keeps = [keep] * len(grids)
     ours = serving_forward(
         served.visual,

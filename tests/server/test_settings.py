@@ -68,3 +68,25 @@ def _assert_refused_at_start(demo_checkpoint, flags: list[str], message: str) ->
         timeout=120,
     )
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+
+
+def test_a_taken_port_stops_the_server_before_its_engine_starts(demo_checkpoint) -> None:
+    """The port is bound before the engine loads: a clash is reported at once (and no port
+    the engine's own processes pick while starting can take the server's)."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--model", str(demo_checkpoint), "--host", "127.0.0.1", "--port", str(port)]
+        result = subprocess.run(
+            [sys.executable, "-m", "server.cli", *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "address already in use" in output.lower(), output[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "engine ready" not in output and "Initializing a V1 LLM engine" not in output

@@ -36,13 +36,14 @@ def test_engine_benchmark_smoke(tmp_path: Path, family: str) -> None:
     report = _run("bench/engine.py", tmp_path, "--family", family)
     assert report["architecture"] == family_named(family).stts_architecture
     methods = {row["method"] for row in report["rows"]}
-    assert methods == {"keep 1.0", "STTS 0.5", "STTS 0.3", "EVS 0.5"}
+    assert methods == {"stock", "keep 1.0", "STTS 0.5", "STTS 0.3", "EVS 0.5"}
     for row in report["rows"]:
         for key in ("encoder_seconds", "prefill_seconds", "request_seconds", "vit_gflops"):
             assert row[key] > 0, (row["method"], key)
         assert row["enc_prefill_speedup"] > 0 and row["ideal_enc_prefill_speedup"] >= 1.0
     tokens = {row["method"]: row["video_tokens"] for row in report["rows"]}
     assert tokens["STTS 0.5"] == tokens["keep 1.0"] // 2 and tokens["EVS 0.5"] < tokens["keep 1.0"]
+    assert tokens["stock"] == tokens["keep 1.0"]
     assert 0 < report["scorer_packing_overhead"]["share"] < 1
     assert {t["target"] for t in report["targets"]} and (tmp_path / "engine.png").is_file()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -165,11 +166,17 @@ class Eval(BaseModel):
     checkpoint: CliPositionalArg[Path]
     out: Path = Path("artifacts/eval")
     samples: int = Field(200, description="questions per row")
-    ratios: list[float] = Field([0.5, 0.3], description="keep ratios to compare at")
+    ratios: list[float] = Field([0.5, 0.3, 0.2], description="keep ratios to compare at")
     methods: list[str] = Field(
         ["none", "random", "evs", "heuristic", "learned"], description="rows to run"
     )
     long: bool = Field(True, description="also the long-video test-time scaling rows")
+    distractor: bool = Field(True, description="also the distractor-split rows")
+    selections: list[str] | None = Field(
+        None,
+        description="STTS selections to run besides the checkpoint's own "
+        "(default: the other one where the family allows it; [] for none)",
+    )
     server: str | None = Field(None, description="evaluate through this server's HTTP API")
     api_key: str | None = None
     compare_hf: int = Field(0, description="also check N answers against the HF model")
@@ -178,6 +185,41 @@ class Eval(BaseModel):
         from stts_vllm.training.evaluate import run_eval
 
         run_eval(self)
+
+
+class Quality(BaseModel):
+    """Train several seeds, evaluate each on every row, aggregate (mean, seeds, pooled 95%
+    interval) and check the quality targets; writes OUT/quality.json and OUT/quality.png.
+    Finished seeds are reused, so a stopped run continues."""
+
+    out: CliPositionalArg[Path]
+    seeds: list[int] = Field([0, 1, 2], description="one training run per seed")
+    init: Path | None = Field(
+        None, description="start every seed from this checkpoint (default: fresh demos)"
+    )
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
+    text_layers: int = Field(
+        4, description="LLM depth of the fresh demos (the serving demo has 2): time questions"
+    )
+    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
+    steps: int = 1200
+    batch_size: int = 16
+    lr: float = 1e-3
+    scorer_lr: float = 1e-3
+    aux_weight: float = 0.5
+    samples: int = Field(600, description="eval questions per row per seed")
+    ratios: list[float] = Field([0.5, 0.3, 0.2], description="keep ratios to compare at")
+
+    def cli_cmd(self) -> None:
+        import logging
+
+        from stts_vllm.training.quality import run_quality
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        train_fields = self.model_dump(
+            include={"steps", "batch_size", "lr", "scorer_lr", "aux_weight"}
+        )
+        run_quality(SimpleNamespace(**self.model_dump(), train_fields=train_fields))
 
 
 class Main(BaseSettings):
@@ -190,6 +232,7 @@ class Main(BaseSettings):
     serve_demo: CliSubCommand[ServeDemo]
     train: CliSubCommand[Train]
     eval: CliSubCommand[Eval]
+    quality: CliSubCommand[Quality]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

@@ -6,7 +6,10 @@ Methods compared at equal video-token budget, all on the same weights:
 - `evs`: vLLM's own Efficient Video Sampling (`--video-pruning-rate`), after the ViT;
 - `heuristic`: STTS with `1 - cos` scores, no weights;
 - `learned`: STTS with the trained scorer.
-`tts` rows spend the saved budget on more frames (test-time scaling) on the `long` split.
+`tts` rows spend the saved budget on more frames (test-time scaling) on the `long` split;
+`distractor` rows ask where most units flicker and the answer barely changes; `per_step` rows
+run the same checkpoint with the per-step quota that timestamped prompts need instead of the
+paper's global top-k, so the table says what the quota costs.
 """
 
 from __future__ import annotations
@@ -44,24 +47,36 @@ class Mode:
     split: str = "test"
     frames: int = 16  # frames given to the model (the clip is subsampled to this)
     clip_frames: int = 16  # frames the clip is generated with
+    selection: str | None = None  # STTS selection other than the checkpoint's own
 
     @property
     def name(self) -> str:
         label = self.method if self.method == "none" else f"{self.method}@{self.keep:g}"
+        if self.selection:
+            label += f"/{self.selection}"
         return f"{self.split}/{label}/{self.frames}f"
 
 
-def default_modes(ratios: Sequence[float] = (0.5, 0.3)) -> list[Mode]:
+STTS_METHODS = ("heuristic", "learned")
+
+
+def default_modes(
+    ratios: Sequence[float] = (0.5, 0.3, 0.2), selections: Sequence[str] = ("per_step",)
+) -> list[Mode]:
     modes = [Mode("none", 1.0)]
     for keep in ratios:
-        modes += [Mode(m, keep) for m in ("random", "evs", "heuristic", "learned")]
+        modes += [Mode(m, keep) for m in ("random", "evs", *STTS_METHODS)]
+    # The selection the checkpoint does not use, on the same weights.
+    for selection in selections:
+        modes += [Mode(m, keep, selection=selection) for keep in ratios for m in STTS_METHODS]
+    # Change is not the signal: the answer flashes once in a unit while most units flicker.
+    modes += [Mode("none", 1.0, "distractor")]
+    modes += [Mode(m, 0.5, "distractor") for m in ("random", "evs", *STTS_METHODS)]
     # Test-time scaling on long clips (64 frames, one brief event): the unpruned model at 16
-    # frames vs STTS at 0.5 with 2x the frames (same video-token budget).
-    modes += [
-        Mode("none", 1.0, "long", 16, 64),
-        Mode("learned", 0.5, "long", 16, 64),
-        Mode("learned", 0.5, "long", 32, 64),
-    ]
+    # frames vs STTS at 0.5 with 2x the frames (same video-token budget), for both scorers.
+    modes += [Mode("none", 1.0, "long", 16, 64)]
+    for method in STTS_METHODS:
+        modes += [Mode(method, 0.5, "long", 16, 64), Mode(method, 0.5, "long", 32, 64)]
     return modes
 
 
@@ -166,16 +181,19 @@ class OfflineRunner:
 
     def _variant(self, mode: Mode) -> tuple[Path, dict[str, Any]]:
         root = Path(self.tmp.name)
-        if mode.method in ("none", "learned"):
+        if mode.method in ("none", "learned") and not mode.selection:
             return self.checkpoint, {}
         if mode.method == "evs":
             path = root / "stock"
             if not path.exists():
                 derive(self.checkpoint, path, stock=True)
             return path, {"video_pruning_rate": round(1.0 - mode.keep, 6)}
-        path = root / mode.method
+        path = root / "-".join(filter(None, (mode.method, mode.selection)))
         if not path.exists():
-            derive(self.checkpoint, path, stts={"scorer": mode.method})
+            overrides = {"scorer": mode.method}
+            if mode.selection:
+                overrides["selection"] = mode.selection
+            derive(self.checkpoint, path, stts=overrides)
         return path, {}
 
     def _engine(self, mode: Mode) -> Any:
@@ -290,7 +308,8 @@ def run_modes(runner: Any, modes: Iterable[Mode], count: int) -> list[ModeResult
     engine = {"none": "learned"}  # one engine serves both (keep 1.0 per request)
 
     def group(m: Mode) -> tuple:
-        return (engine.get(m.method, m.method), m.keep if m.method == "evs" else 0, order[m])
+        variant = engine.get(m.method, m.method), m.selection or ""
+        return (*variant, m.keep if m.method == "evs" else 0, order[m])
 
     grouped = sorted(order, key=group)
     for mode in tqdm(grouped, desc="eval"):
@@ -413,11 +432,30 @@ def server_modes(ratios: Sequence[float], long: bool) -> list[Mode]:
     return modes
 
 
+def other_selections(checkpoint: Path) -> tuple[str, ...]:
+    """The selection a checkpoint could run instead of its own: Qwen2.5-VL (global top-k)
+    can also run the per-step quota; Qwen3-VL's timestamped prompts need the quota."""
+    from stts_vllm.checkpoint import read_config
+    from stts_vllm.families import family_of_config
+
+    config = read_config(checkpoint)
+    family = family_of_config(config)
+    own = (config.get("stts") or {}).get("selection") or family.selection
+    if not family.global_selection_ok:
+        return ()
+    return ("per_step",) if own == "global" else ("global",)
+
+
 def run_eval(args: Any) -> dict[str, Any]:
+    selections = args.selections
+    if selections is None:
+        selections = () if args.server else other_selections(Path(args.checkpoint))
     modes = [
         m
-        for m in default_modes(tuple(args.ratios))
-        if m.method in args.methods and (args.long or m.split != "long")
+        for m in default_modes(tuple(args.ratios), tuple(selections))
+        if m.method in args.methods
+        and (args.long or m.split != "long")
+        and (args.distractor or m.split != "distractor")
     ]
     if args.server:
         runner: Any = HTTPRunner(args.server, args.api_key)

@@ -40,7 +40,7 @@ class TrainConfig:
     scorer_lr: float = 1e-3
     warmup: int = 100
     aux_weight: float = 0.5
-    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.5, 0.3)
+    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2)
     frames: tuple[int, ...] = (16, 16, 16, 8, 32)
     eval_every: int = 250
     eval_samples: int = 100

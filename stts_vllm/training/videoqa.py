@@ -5,14 +5,17 @@ with small saturated shapes, and a question whose one-word answer needs either o
 (`color`) or time (`direction`, `order`, `count`, `changed`). Shapes cover a few LLM-token
 units; backgrounds are grey, so "where the colour is" is the spatial cue a learned scorer can
 pick up from the LLM's gradient, while panning backgrounds make every unit "change" and fool a
-pure frame-difference score. The `long` split hides one brief event in many frames, for
-test-time scaling.
+pure frame-difference score. `distractor` goes further: most units flicker black/white every
+step while the answer (a shape's colour) shows in one unit-aligned spot for one step, a smaller
+change than the flicker's, so a scorer that keeps what changes most keeps the flicker. The
+`long` split hides one brief event in many frames, for test-time scaling; the `distractor`
+split holds distractor questions only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,8 +27,15 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 215, 30),
 }
 COUNTS = ("one", "two", "three", "four")
-TASKS = ("color", "direction", "order", "count", "changed", "flash")
-SPLIT_SEEDS = {"train": 0, "val": 10_000_000, "test": 20_000_000, "long": 30_000_000}
+TASKS = ("color", "direction", "order", "count", "changed", "flash", "distractor")
+SPLIT_SEEDS = {
+    "train": 0,
+    "val": 10_000_000,
+    "test": 20_000_000,
+    "long": 30_000_000,
+    "distractor": 40_000_000,
+}
+UNIT = 28  # pixels of one LLM-token unit (2 x 2 patches of 14)
 FPS = 2.0
 
 
@@ -39,6 +49,7 @@ class VideoQA:
     answer: str
     task: str
     seed: int
+    meta: dict = field(default_factory=dict, compare=False)  # where the answer is, for checks
 
 
 def answer_words() -> list[str]:
@@ -191,6 +202,38 @@ def _flash(rng, frames):
     return f"What color is the {shape} that flashes?", color
 
 
+def _distractor(rng, frames):
+    """A flash among flicker: on a flat grey field, 55-75% of the 6 x 6 units (never the
+    target's) flip between near-black and near-white every temporal step, each with its own
+    phase; one shape, inside one unit, shows its colour for one step (never the first, which
+    every method keeps whole). The flicker moves each unit's pixels by ~190 levels a step, the
+    flash by at most ~150 (mid-grey to the colour and back), so ranking units by how much
+    they change keeps the flicker and drops the answer; only a scorer that knows what
+    matters (a saturated colour) keeps it."""
+    n = len(frames)
+    level = int(rng.integers(110, 146))
+    frames[:] = level
+    grid = SIZE // UNIT
+    target = (int(rng.integers(0, grid)), int(rng.integers(0, grid)))
+    others = [(r, c) for r in range(grid) for c in range(grid) if (r, c) != target]
+    flicker = [others[i] for i in rng.permutation(len(others))[: int(rng.integers(20, 27))]]
+    for r, c in flicker:
+        phase = int(rng.integers(0, 2))
+        for i, frame in enumerate(frames):
+            shade = 30 if (i // 2 + phase) % 2 else 220
+            frame[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT] = shade
+    shape = str(rng.choice(["square", "circle"]))
+    size = int(rng.integers(18, 25))
+    color = str(rng.choice(list(COLORS)))
+    step = int(rng.integers(1, n // 2))
+    y = target[0] * UNIT + int(rng.integers(0, UNIT - size + 1))
+    x = target[1] * UNIT + int(rng.integers(0, UNIT - size + 1))
+    for frame in frames[2 * step : 2 * step + 2]:
+        _draw(frame, shape, y, x, size, color)
+    meta = {"unit": target, "box": (y, x, size), "step": step, "flicker_units": flicker}
+    return f"What color is the {shape} that flashes?", color, meta
+
+
 _MAKERS = {
     "color": _color,
     "direction": _direction,
@@ -198,6 +241,7 @@ _MAKERS = {
     "count": _count,
     "changed": _changed,
     "flash": _flash,
+    "distractor": _distractor,
 }
 
 
@@ -209,14 +253,17 @@ def make_sample(seed: int, split: str = "train", num_frames: int = 16) -> VideoQ
         raise ValueError(f"num_frames must be an even number >= 8, got {num_frames}")
     rng = np.random.default_rng(SPLIT_SEEDS[split] + seed)
     frames = _backgrounds(rng, num_frames).copy()
+    meta: dict = {}
     if split == "long":
         question, answer = _flash(rng, frames)
         task = "long"
     else:
-        task = TASKS[seed % len(TASKS)]
-        question, answer = _MAKERS[task](rng, frames)
+        task = "distractor" if split == "distractor" else TASKS[seed % len(TASKS)]
+        made = _MAKERS[task](rng, frames)
+        question, answer = made[:2]
+        meta = made[2] if len(made) > 2 else {}
     fps = FPS * 4 if split == "long" else FPS  # long clips: 4x denser, subsampled later
-    return VideoQA(frames, fps, question, answer, task, seed)
+    return VideoQA(frames, fps, question, answer, task, seed, meta)
 
 
 def subsample(sample: VideoQA, num_frames: int) -> VideoQA:
@@ -229,7 +276,7 @@ def subsample(sample: VideoQA, num_frames: int) -> VideoQA:
     fps = sample.fps * num_frames / total
     return VideoQA(
         sample.frames[index], fps, sample.question, sample.answer, sample.task, sample.seed
-    )
+    )  # `meta` describes the full clip's frames, so it is not carried over
 
 
 def samples(split: str, count: int, num_frames: int = 16, start: int = 0) -> Iterator[VideoQA]:

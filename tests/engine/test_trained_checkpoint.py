@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from stts_vllm.core import retained_count
 from stts_vllm.training.evaluate import run_eval, video_metadata
 from stts_vllm.training.model import STTSVideoQAModel, chat_prompt
 from stts_vllm.training.videoqa import make_sample
@@ -55,9 +56,11 @@ def test_eval_runs_every_method_and_writes_json_and_png(smoke_run: Path, engines
         checkpoint=smoke_run / "checkpoint",
         out=tmp_path / "eval",
         samples=3,
-        ratios=[0.5],
+        ratios=[0.5, 0.2],
         methods=["none", "random", "evs", "heuristic", "learned"],
         long=True,
+        distractor=True,
+        selections=None,  # the demo is Qwen2.5-VL (global top-k): per_step rows too
         server=None,
         api_key=None,
         compare_hf=3,
@@ -74,7 +77,18 @@ def test_eval_runs_every_method_and_writes_json_and_png(smoke_run: Path, engines
         "test/heuristic@0.5/16f",
         "test/learned@0.5/16f",
         "long/learned@0.5/32f",
+        "long/heuristic@0.5/32f",
+        "test/learned@0.2/16f",
+        "test/learned@0.5/per_step/16f",
+        "test/heuristic@0.2/per_step/16f",
+        "distractor/none/16f",
+        "distractor/learned@0.5/16f",
+        "distractor/heuristic@0.5/16f",
+        "distractor/random@0.5/16f",
     }
+    assert rows["test/learned@0.5/per_step/16f"]["selection"] == "per_step"
+    assert rows["test/learned@0.2/16f"]["video_tokens_mean"] == retained_count(8, 36, 0.2)
+    assert set(rows["distractor/learned@0.5/16f"]["by_task"]) == {"distractor"}
     assert rows["test/none/16f"]["video_tokens_mean"] == 288
     for name in ("random", "heuristic", "learned"):
         assert rows[f"test/{name}@0.5/16f"]["video_tokens_mean"] == 144
@@ -84,3 +98,41 @@ def test_eval_runs_every_method_and_writes_json_and_png(smoke_run: Path, engines
         assert row["samples"] == 3 and 0 <= row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
     agreement = saved["hf_agreement"]
     assert agreement["same_answers"] == agreement["samples"] == 3
+
+
+def test_quality_driver_evaluates_a_trained_seed_and_aggregates(
+    smoke_run: Path,  # noqa: F811
+    engines,
+    tmp_path: Path,
+) -> None:
+    """`stts-vllm quality` on one seed whose training is already done (reused, not rerun):
+    every row is evaluated through vLLM and aggregated, the targets are checked, JSON + PNG."""
+    import shutil
+
+    from stts_vllm.training.quality import run_quality
+
+    engines.close()
+    out = tmp_path / "quality"
+    shutil.copytree(smoke_run / "checkpoint", out / "seed-0" / "checkpoint")
+    args = SimpleNamespace(
+        out=out,
+        seeds=[0],
+        init=None,
+        mode="scratch",
+        family="qwen2_5_vl",
+        text_layers=2,
+        train_fields={},
+        samples=2,
+        ratios=[0.5],
+    )
+    result = run_quality(args)
+    saved = json.loads((out / "quality.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert (out / "quality.png").stat().st_size > 1000
+    rows = {r["mode"]: r for r in saved["rows"]}
+    assert {"distractor/learned@0.5/16f", "test/learned@0.5/per_step/16f"} <= set(rows)
+    assert all(r["questions"] == 2 and len(r["seed_accuracies"]) == 1 for r in rows.values())
+    checks = {t["target"]: t for t in saved["targets"]}
+    assert checks["distractor: learned - random @0.5"]["met"] in (True, False)
+    assert checks["test: learned - random @0.2"]["met"] is None  # keep 0.2 was not run
+    assert not (out / "seed-0" / "last").exists()  # training was reused, not rerun

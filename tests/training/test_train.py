@@ -64,3 +64,29 @@ def test_resume_continues_where_it_stopped(smoke_run: Path, tmp_path: Path) -> N
     train(TrainConfig(init=init, out=out, resume=True, frames=(16,), **(SMOKE | {"steps": 10})))
     steps = [r["step"] for r in read_log(out)]
     assert steps[-2:] == [9, 10] and steps.count(9) == 1
+
+
+def test_scorer_mode_trains_only_the_scorer_of_a_frozen_base(
+    smoke_run: Path, tmp_path: Path
+) -> None:
+    """`train --init CKPT --mode scorer`: the recipe for a converted real checkpoint. The
+    base's weights come out bit-identical, the scorer's move, and the result is an STTS
+    checkpoint with the learned scorer."""
+    from safetensors.torch import load_file
+
+    base = smoke_run / "checkpoint"
+    out = tmp_path / "scorer-only"
+    steps = SMOKE | {"steps": 3, "eval_every": 3, "save_every": 3}
+    trained = train(TrainConfig(init=base, out=out, mode="scorer", frames=(16,), **steps))
+
+    def weights(ckpt: Path, prefix: str = "") -> dict:
+        files = sorted(ckpt.glob("model*.safetensors"))
+        return {k: v for f in files for k, v in load_file(str(f)).items() if k.startswith(prefix)}
+
+    before, after = weights(base), weights(trained)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    scorer_before = load_file(str(base / SCORER_FILE))
+    scorer_after = load_file(str(trained / SCORER_FILE))
+    assert any(not torch.equal(scorer_before[k], scorer_after[k]) for k in scorer_before)
+    assert read_config(trained)["stts"]["scorer"] == "learned"

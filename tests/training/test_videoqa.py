@@ -9,6 +9,7 @@ from stts_vllm.training.videoqa import (
     COLORS,
     SIZE,
     TASKS,
+    UNIT,
     answer_words,
     make_sample,
     subsample,
@@ -54,3 +55,34 @@ def test_bad_arguments_are_refused() -> None:
         make_sample(0, "nope")
     with pytest.raises(ValueError, match="num_frames"):
         make_sample(0, "train", 7)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_distractor_answer_is_where_its_metadata_says_and_changes_less_than_the_flicker(
+    seed: int,
+) -> None:
+    s = make_sample(seed, "distractor")
+    assert s.task == "distractor" and s.answer in COLORS
+    meta, frames = s.meta, s.frames.astype(int)
+    y, x, size = meta["box"]
+    step, (row, col) = meta["step"], meta["unit"]
+    assert 1 <= step < len(frames) // 2  # never in the first step, which every method keeps
+    assert row * UNIT <= y and y + size <= (row + 1) * UNIT  # inside one LLM-token unit
+    assert col * UNIT <= x and x + size <= (col + 1) * UNIT
+    centre = frames[:, y + size // 2, x + size // 2]
+    colored = [i for i in range(len(frames)) if np.ptp(centre[i]) > 100]
+    assert colored == [2 * step, 2 * step + 1]
+    assert tuple(centre[2 * step]) == COLORS[s.answer]
+
+    def unit_change(r: int, c: int, a: int, b: int) -> float:
+        cell = np.s_[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT]
+        return float(np.abs(frames[a][cell] - frames[b][cell]).mean())
+
+    target = unit_change(row, col, 2 * step - 1, 2 * step)
+    flicker = [unit_change(r, c, 2 * step - 1, 2 * step) for r, c in meta["flicker_units"]]
+    assert len(flicker) >= 20 and min(flicker) > 150 > target > 0
+
+
+def test_distractor_questions_are_in_the_mixed_splits_too() -> None:
+    tasks = [make_sample(i, "test").task for i in range(len(TASKS))]
+    assert "distractor" in tasks

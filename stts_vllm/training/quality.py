@@ -1,0 +1,241 @@
+"""`stts-vllm quality`: what the learned scorer buys, in one command.
+
+Trains the tiny model from several seeds (or only the scorer of a frozen base, `--mode
+scorer --init CKPT`), runs `stts-vllm eval` on each result (every method at keep 0.5 / 0.3 /
+0.2, both selections, the distractor split, test-time scaling), and aggregates the rows over
+seeds: mean, each seed's accuracy, and a 95% interval pooled over all seeds' questions. A
+seed's finished training or eval is reused, so a stopped run picks up where it was. Writes
+OUT/quality.json and OUT/quality.png and checks the issue's targets, reporting misses as
+misses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from stts_vllm.training.evaluate import wilson
+
+TARGET_MARGIN = 0.05  # learned over heuristic / random on the distractor split, at keep 0.5
+
+
+@dataclass
+class Row:
+    """One eval row over seeds."""
+
+    mode: str
+    method: str
+    keep: float
+    split: str
+    accuracies: list[float] = field(default_factory=list)
+    correct: int = 0
+    total: int = 0
+    video_tokens: float = 0.0
+
+    @property
+    def mean(self) -> float:
+        return sum(self.accuracies) / len(self.accuracies)
+
+    def summary(self) -> dict[str, Any]:
+        lo, hi = wilson(self.correct, self.total)
+        return {
+            "mode": self.mode,
+            "method": self.method,
+            "keep": self.keep,
+            "split": self.split,
+            "mean_accuracy": self.mean,
+            "seed_accuracies": self.accuracies,
+            "spread": [min(self.accuracies), max(self.accuracies)],
+            "pooled_ci95": [lo, hi],
+            "questions": self.total,
+            "video_tokens_mean": self.video_tokens,
+        }
+
+
+def aggregate(reports: Sequence[dict]) -> dict[str, Row]:
+    """Rows by mode name, over the seeds' `eval.json` reports (each must hold the row)."""
+    rows: dict[str, Row] = {}
+    for report in reports:
+        for r in report["results"]:
+            row = rows.setdefault(r["mode"], Row(r["mode"], r["method"], r["keep"], r["split"]))
+            row.accuracies.append(r["accuracy"])
+            row.correct += round(r["accuracy"] * r["samples"])
+            row.total += r["samples"]
+            row.video_tokens = r["video_tokens_mean"]
+    return rows
+
+
+def targets(rows: dict[str, Row]) -> list[dict[str, Any]]:
+    """The issue's targets, on seed means; a row that was not run gives `met: None`."""
+
+    def mean(name: str) -> float | None:
+        row = rows.get(name)
+        return None if row is None else row.mean
+
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, goal: float) -> None:
+        met = None if value is None else value >= goal - 1e-12
+        out.append({"target": name, "measured": value, "goal": goal, "met": met})
+
+    def gap(a: str, b: str) -> float | None:
+        x, y = mean(a), mean(b)
+        return None if x is None or y is None else x - y
+
+    learned = "distractor/learned@0.5/16f"
+    add("distractor: learned - heuristic @0.5", gap(learned, "distractor/heuristic@0.5/16f"), 0.05)
+    add("distractor: learned - random @0.5", gap(learned, "distractor/random@0.5/16f"), 0.05)
+    add(
+        "test: learned@0.5 - keep 1.0 (>= -1 point)",
+        gap("test/learned@0.5/16f", "test/none/16f"),
+        -0.01,
+    )
+    for keep in (0.3, 0.2):
+        add(
+            f"test: learned - random @{keep}",
+            gap(f"test/learned@{keep}/16f", f"test/random@{keep}/16f"),
+            0.03,
+        )
+    for method in ("learned", "heuristic"):
+        add(
+            f"long: {method}@0.5 32f - keep 1.0 16f (equal tokens)",
+            gap(f"long/{method}@0.5/32f", "long/none/16f"),
+            0.0,
+        )
+    return out
+
+
+def table(rows: dict[str, Row]) -> str:
+    lines = [f"{'mode':38} {'mean':>6} {'seeds':>22} {'pooled 95% CI':>15} {'tok':>5}"]
+    for row in rows.values():
+        lo, hi = wilson(row.correct, row.total)
+        seeds = "/".join(f"{100 * a:.1f}" for a in row.accuracies)
+        lines.append(
+            f"{row.mode:38} {100 * row.mean:5.1f}% {seeds:>22} "
+            f"[{100 * lo:5.1f},{100 * hi:5.1f}] {row.video_tokens:5.0f}"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, Row], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"none": "#555555", "random": "#bbbbbb", "evs": "#e6a03c", "heuristic": "#6fa8dc"}
+    items = list(rows.values())
+    fig, ax = plt.subplots(figsize=(max(9, 0.45 * len(items)), 5))
+    for x, row in enumerate(items):
+        lo, hi = wilson(row.correct, row.total)
+        color = colors.get(row.method, "#2e7d32")
+        ax.bar(x, 100 * row.mean, color=color)
+        ax.errorbar(
+            x,
+            100 * row.mean,
+            yerr=[[100 * (row.mean - lo)], [100 * (hi - row.mean)]],
+            color="black",
+            capsize=2,
+            lw=0.8,
+        )
+        ax.scatter(
+            [x] * len(row.accuracies),
+            [100 * a for a in row.accuracies],
+            s=8,
+            color="black",
+            zorder=3,
+        )
+    ax.set_xticks(range(len(items)), [r.mode for r in items], rotation=70, ha="right", fontsize=6)
+    ax.set_ylabel("accuracy (%): seed mean, seeds (dots), pooled 95% CI")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_quality(args: Any) -> dict[str, Any]:
+    """`args`: out, seeds, init, mode, family, text_layers (a fresh demo's LLM depth),
+    train_fields (steps, batch_size, ...), samples, ratios."""
+    from stts_vllm.checkpoint import make_demo
+    from stts_vllm.training.evaluate import run_eval
+    from stts_vllm.training.train import TrainConfig, train
+
+    out = Path(args.out)
+    reports = []
+    for seed in args.seeds:
+        run = out / f"seed-{seed}"
+        checkpoint = run / "checkpoint"
+        if not (checkpoint / "config.json").is_file():
+            init = args.init
+            if init is None:
+                init = run / "init"
+                if not (init / "config.json").is_file():
+                    layers = {"num_hidden_layers": args.text_layers}
+                    if args.family == "qwen2_5_vl":
+                        layers["max_window_layers"] = args.text_layers
+                    make_demo(
+                        init,
+                        seed=seed,
+                        scorer="learned",
+                        overwrite=True,
+                        family=args.family,
+                        text_overrides=layers,
+                    )
+            train(
+                TrainConfig(
+                    init=Path(init),
+                    out=run,
+                    mode=args.mode,
+                    seed=seed,
+                    resume=True,
+                    **args.train_fields,
+                )
+            )
+        report_path = run / "eval" / "eval.json"
+        if not report_path.is_file():
+            run_eval(
+                SimpleNamespace(
+                    checkpoint=checkpoint,
+                    out=run / "eval",
+                    samples=args.samples,
+                    ratios=list(args.ratios),
+                    methods=["none", "random", "evs", "heuristic", "learned"],
+                    long=True,
+                    distractor=True,
+                    selections=None,
+                    server=None,
+                    api_key=None,
+                    compare_hf=0,
+                )
+            )
+        reports.append(json.loads(report_path.read_text()))
+    rows = aggregate(reports)
+    checks = targets(rows)
+    title = (
+        f"procedural video QA, {len(args.seeds)} seed(s) x {args.samples} questions per row"
+        f" ({args.mode})"
+    )
+    result = {
+        "seeds": list(args.seeds),
+        "mode": args.mode,
+        "samples_per_seed": args.samples,
+        "rows": [row.summary() for row in rows.values()],
+        "targets": checks,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "quality.png", title)
+    print(table(rows))
+    print()
+    for t in checks:
+        status = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
+        value = "-" if t["measured"] is None else f"{100 * t['measured']:+.1f} points"
+        print(f"target {t['target']}: goal {100 * t['goal']:+.0f}, measured {value} -> {status}")
+    print(f"wrote {out / 'quality.json'} and quality.png")
+    return result

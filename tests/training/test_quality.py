@@ -1,0 +1,64 @@
+"""Aggregation of eval rows over training seeds, and the quality targets."""
+
+from __future__ import annotations
+
+import pytest
+
+from stts_vllm.training.quality import aggregate, targets
+
+
+def _report(acc: dict[str, float], samples: int = 100) -> dict:
+    rows = []
+    for mode, accuracy in acc.items():
+        split, label, _ = mode.split("/", 2)
+        method = label.split("@")[0]
+        keep = float(label.split("@")[1].split("/")[0]) if "@" in label else 1.0
+        rows.append(
+            {
+                "mode": mode,
+                "method": method,
+                "keep": keep,
+                "split": split,
+                "accuracy": accuracy,
+                "samples": samples,
+                "video_tokens_mean": 144.0,
+            }
+        )
+    return {"results": rows}
+
+
+ROWS = {
+    "test/none/16f": 0.80,
+    "test/learned@0.5/16f": 0.795,
+    "test/random@0.3/16f": 0.70,
+    "test/learned@0.3/16f": 0.75,
+    "test/random@0.2/16f": 0.65,
+    "test/learned@0.2/16f": 0.67,
+    "distractor/learned@0.5/16f": 0.90,
+    "distractor/heuristic@0.5/16f": 0.40,
+    "distractor/random@0.5/16f": 0.86,
+    "long/none/16f": 0.6,
+    "long/learned@0.5/32f": 0.9,
+}
+
+
+def test_rows_are_pooled_over_seeds_and_targets_read_the_means() -> None:
+    second = dict(ROWS) | {"distractor/random@0.5/16f": 0.84, "test/learned@0.2/16f": 0.67}
+    rows = aggregate([_report(ROWS), _report(second)])
+    row = rows["distractor/random@0.5/16f"]
+    assert row.accuracies == [0.86, 0.84] and row.mean == pytest.approx(0.85)
+    assert (row.correct, row.total) == (170, 200)
+    summary = row.summary()
+    assert summary["spread"] == [0.84, 0.86]
+    assert summary["pooled_ci95"][0] < 0.85 < summary["pooled_ci95"][1]
+
+    checks = {t["target"]: t for t in targets(rows)}
+    assert checks["distractor: learned - heuristic @0.5"]["met"] is True
+    edge = checks["distractor: learned - random @0.5"]  # 0.90 - 0.85: exactly 5 points
+    assert edge["measured"] == pytest.approx(0.05) and edge["met"] is True
+    assert checks["test: learned@0.5 - keep 1.0 (>= -1 point)"]["met"] is True
+    assert checks["test: learned - random @0.3"]["met"] is True
+    low = checks["test: learned - random @0.2"]  # 0.67 - 0.65: 2 points
+    assert low["measured"] == pytest.approx(0.02) and low["met"] is False
+    # rows that were not run are "n/a", not a pass
+    assert checks["long: heuristic@0.5 32f - keep 1.0 16f (equal tokens)"]["met"] is None

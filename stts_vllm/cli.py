@@ -209,6 +209,9 @@ class Quality(BaseModel):
     aux_weight: float = 0.5
     samples: int = Field(600, description="eval questions per row per seed")
     ratios: list[float] = Field([0.5, 0.3, 0.2], description="keep ratios to compare at")
+    unit_samples: int = Field(
+        200, description="distractor clips on which to count how often the answer unit is kept"
+    )
 
     def cli_cmd(self) -> None:
         import logging

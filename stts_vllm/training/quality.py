@@ -109,6 +109,42 @@ def targets(rows: dict[str, Row]) -> list[dict[str, Any]]:
     return out
 
 
+def answer_unit_kept(checkpoint: Path, count: int, keep: float = 0.5) -> dict[str, float | None]:
+    """How often each STTS scorer keeps the unit that holds the answer on the distractor
+    split (the flash's unit at its step, from the generator's metadata), and the rate a
+    random choice would have. Accuracy alone can hide this: the blocks before the pruning
+    point attend across units, so a dropped unit's colour can still reach the answer through
+    kept neighbours."""
+    import torch
+
+    from stts_vllm.core import retained_count, retention_mask
+    from stts_vllm.training.model import STTSVideoQAModel
+    from stts_vllm.training.videoqa import SIZE, UNIT, make_sample
+
+    samples = [make_sample(i, "distractor") for i in range(count)]
+    grid = SIZE // UNIT
+    steps, units = len(samples[0].frames) // 2, grid * grid
+    out: dict[str, float | None] = {
+        # the first step is kept whole; the rest share what is left
+        "random (expected)": (retained_count(steps, units, keep) - units) / ((steps - 1) * units)
+    }
+    for scorer in ("heuristic", "learned"):
+        model = STTSVideoQAModel.from_checkpoint(checkpoint, scorer=scorer).eval()
+        kept = 0
+        for sample in samples:
+            with torch.no_grad():
+                scores = model([model.prepare(sample)], [keep]).scores[0]
+            if scores is None or scores.numel() != steps * units:  # another unit grid
+                out[scorer] = None
+                break
+            mask = retention_mask(scores.reshape(steps, units), keep, model.stts.selection)
+            row, col = sample.meta["unit"]
+            kept += int(mask[sample.meta["step"], row * grid + col])
+        else:
+            out[scorer] = kept / count
+    return out
+
+
 def table(rows: dict[str, Row]) -> str:
     lines = [f"{'mode':38} {'mean':>6} {'seeds':>22} {'pooled 95% CI':>15} {'tok':>5}"]
     for row in rows.values():
@@ -161,13 +197,13 @@ def plot(rows: dict[str, Row], path: Path, title: str) -> Path:
 
 def run_quality(args: Any) -> dict[str, Any]:
     """`args`: out, seeds, init, mode, family, text_layers (a fresh demo's LLM depth),
-    train_fields (steps, batch_size, ...), samples, ratios."""
+    train_fields (steps, batch_size, ...), samples, ratios, unit_samples."""
     from stts_vllm.checkpoint import make_demo
     from stts_vllm.training.evaluate import run_eval
     from stts_vllm.training.train import TrainConfig, train
 
     out = Path(args.out)
-    reports = []
+    reports, answer_units = [], []
     for seed in args.seeds:
         run = out / f"seed-{seed}"
         checkpoint = run / "checkpoint"
@@ -215,6 +251,12 @@ def run_quality(args: Any) -> dict[str, Any]:
                 )
             )
         reports.append(json.loads(report_path.read_text()))
+        units_path = run / "answer_units.json"
+        if not units_path.is_file():
+            units_path.write_text(
+                json.dumps(answer_unit_kept(checkpoint, args.unit_samples), indent=2)
+            )
+        answer_units.append(json.loads(units_path.read_text()))
     rows = aggregate(reports)
     checks = targets(rows)
     title = (
@@ -227,6 +269,7 @@ def run_quality(args: Any) -> dict[str, Any]:
         "samples_per_seed": args.samples,
         "rows": [row.summary() for row in rows.values()],
         "targets": checks,
+        "distractor_answer_unit_kept@0.5": answer_units,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2))
@@ -237,5 +280,10 @@ def run_quality(args: Any) -> dict[str, Any]:
         status = "n/a" if t["met"] is None else ("met" if t["met"] else "MISSED")
         value = "-" if t["measured"] is None else f"{100 * t['measured']:+.1f} points"
         print(f"target {t['target']}: goal {100 * t['goal']:+.0f}, measured {value} -> {status}")
+    for seed, kept in zip(args.seeds, answer_units, strict=True):
+        rates = ", ".join(
+            f"{name} {'-' if rate is None else f'{100 * rate:.0f}%'}" for name, rate in kept.items()
+        )
+        print(f"seed {seed}: distractor answer unit kept at 0.5: {rates}")
     print(f"wrote {out / 'quality.json'} and quality.png")
     return result

@@ -124,6 +124,7 @@ def test_quality_driver_evaluates_a_trained_seed_and_aggregates(
         train_fields={},
         samples=2,
         ratios=[0.5],
+        unit_samples=4,
     )
     result = run_quality(args)
     saved = json.loads((out / "quality.json").read_text())
@@ -136,3 +137,7 @@ def test_quality_driver_evaluates_a_trained_seed_and_aggregates(
     assert checks["distractor: learned - random @0.5"]["met"] in (True, False)
     assert checks["test: learned - random @0.2"]["met"] is None  # keep 0.2 was not run
     assert not (out / "seed-0" / "last").exists()  # training was reused, not rerun
+    (kept,) = saved["distractor_answer_unit_kept@0.5"]
+    assert set(kept) == {"random (expected)", "heuristic", "learned"}
+    assert all(0.0 <= rate <= 1.0 for rate in kept.values())
+    assert kept["random (expected)"] == pytest.approx((retained_count(8, 36, 0.5) - 36) / (7 * 36))

@@ -458,6 +458,8 @@ def test_eval_through_the_http_api(server: Server, tmp_path: Path) -> None:
         ratios=[0.5],
         methods=[],
         long=True,
+        distractor=True,
+        selections=None,
         server=server.url,
         api_key=API_KEY,
         compare_hf=0,

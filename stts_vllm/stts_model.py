@@ -41,6 +41,12 @@ KEEP_RATIO_KWARG = "stts_keep_ratio"
 """Per-request keep ratio: `mm_processor_kwargs={"stts_keep_ratio": r}`."""
 
 
+def kept_video_tokens(grid_thw: Sequence[int], merge: int, keep_ratio: float) -> int:
+    """Embeddings the pruned tower returns for a video of `grid_thw` patches: its kept units."""
+    t, h, w = (int(x) for x in grid_thw)
+    return retained_count(t, (h // merge) * (w // merge), keep_ratio)
+
+
 def stts_config_of(hf_config: Any, family: Family) -> STTSConfig:
     """The checkpoint's validated `stts` block, with the family's selection filled in (errors
     name the field)."""
@@ -89,10 +95,7 @@ class STTSProcessingInfoMixin:
         if grid is None or item.get("pixel_values_videos") is None:
             return None
         merge = self.get_hf_config().vision_config.spatial_merge_size  # type: ignore[attr-defined]
-        t, h, w = (int(x) for x in grid.data)
-        return retained_count(
-            t, (h // merge) * (w // merge), STTSProcessorMixin.item_keep_ratio(item)
-        )
+        return kept_video_tokens(grid.data, merge, STTSProcessorMixin.item_keep_ratio(item))
 
     def check_placeholder_tokens(self, inputs: Any) -> None:
         """One placeholder run per media item, no placeholder token elsewhere: kept tokens
@@ -275,8 +278,8 @@ class STTSModelMixin:
 
         units = [t * (h // merge) * (w // merge) for t, h, w in grids]
         kept = [
-            retained_count(t, (h // merge) * (w // merge), keep)
-            for (t, h, w), keep in zip(grids, keep_ratios, strict=True)
+            kept_video_tokens(grid, merge, keep)
+            for grid, keep in zip(grids, keep_ratios, strict=True)
         ]
         return run_sharded(
             [t * h * w for t, h, w in grids],
@@ -305,8 +308,10 @@ class STTSModelMixin:
     def _with_positions(self, modality: str, embeds: Sequence[torch.Tensor], inputs: Any) -> tuple:
         """Each item's embeddings with its kept units' positions appended as columns
         (vLLM's pruning format); the masks the pruned tower chose travel with `inputs`."""
-        with gpu_sync_allowed():
-            grids = inputs[f"{modality}_grid_thw"].tolist()
+        grids = inputs[f"{modality}_grid_thw"]
+        if isinstance(grids, torch.Tensor):
+            with gpu_sync_allowed():
+                grids = grids.tolist()
         masks = getattr(inputs, "stts_keep_masks", None) or [None] * len(grids)
         out = []
         for index, (emb, grid, mask) in enumerate(zip(embeds, grids, masks, strict=True)):
@@ -362,14 +367,11 @@ class STTSModelMixin:
             return
         if batch_mm_kwargs is None or "image_grid_thw" not in batch_mm_kwargs:
             raise PositionMismatchError("encoder graph output without its image grids")
-        grids = batch_mm_kwargs["image_grid_thw"]
-        with gpu_sync_allowed():
-            grids = grids.tolist() if isinstance(grids, torch.Tensor) else list(grids)
-        for k, index in enumerate(indices):
-            embeds = dest[index]
-            assert embeds is not None
-            positions = encode_positions(self.media_positions("image", grids[k], None, k), embeds)
-            dest[index] = torch.cat([embeds, positions], dim=1)
+        # The sub-batch's k-th item is `indices[k]`: the same per-item step as eager images.
+        raw = [dest[index] for index in indices]
+        with_columns = self._with_positions("image", raw, batch_mm_kwargs)  # type: ignore[arg-type]
+        for index, embeds in zip(indices, with_columns, strict=True):
+            dest[index] = embeds
 
     def recompute_mrope_positions(
         self,

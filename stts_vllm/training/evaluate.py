@@ -343,6 +343,30 @@ def per_task_table(results: Sequence[ModeResult]) -> str:
     return "\n".join(lines)
 
 
+METHOD_COLORS = {"none": "#555555", "random": "#bbbbbb", "evs": "#e6a03c", "heuristic": "#6fa8dc"}
+"""Bar colours of the accuracy plots; any other method (the learned scorer) is green."""
+
+
+def method_color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#2e7d32")
+
+
+def save_accuracy_plot(
+    fig: Any, ax: Any, labels: Sequence[str], ylabel: str, title: str, path: Path, **ticks: Any
+) -> Path:
+    """The axes, title and file every accuracy bar plot shares (`eval.png`, `quality.png`)."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xticks(range(len(labels)), labels, ha="right", **ticks)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(results: Sequence[ModeResult], path: Path, title: str) -> Path:
     import matplotlib
 
@@ -353,14 +377,13 @@ def plot(results: Sequence[ModeResult], path: Path, title: str) -> Path:
     acc = [100 * r.accuracy for r in results]
     lo = [100 * (r.accuracy - r.interval()[0]) for r in results]
     hi = [100 * (r.interval()[1] - r.accuracy) for r in results]
-    colors = {"none": "#555555", "random": "#bbbbbb", "evs": "#e6a03c", "heuristic": "#6fa8dc"}
     fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(results)), 4.5))
     bars = ax.bar(
         range(len(results)),
         acc,
         yerr=[lo, hi],
         capsize=3,
-        color=[colors.get(r.mode.method, "#2e7d32") for r in results],
+        color=[method_color(r.mode.method) for r in results],
     )
     for bar, r in zip(bars, results, strict=True):
         ax.text(
@@ -372,14 +395,9 @@ def plot(results: Sequence[ModeResult], path: Path, title: str) -> Path:
             rotation=90,
             color="white",
         )
-    ax.set_xticks(range(len(results)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("accuracy (%) with 95% CI")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_accuracy_plot(
+        fig, ax, names, "accuracy (%) with 95% CI", title, path, rotation=60, fontsize=7
+    )
 
 
 def write_report(results: Sequence[ModeResult], out: Path, meta: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from stts_vllm.training.evaluate import wilson
+from stts_vllm.training.evaluate import method_color, save_accuracy_plot, wilson
 
 TARGET_MARGIN = 0.05  # learned over heuristic / random on the distractor split, at keep 0.5
 
@@ -163,13 +163,11 @@ def plot(rows: dict[str, Row], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"none": "#555555", "random": "#bbbbbb", "evs": "#e6a03c", "heuristic": "#6fa8dc"}
     items = list(rows.values())
     fig, ax = plt.subplots(figsize=(max(9, 0.45 * len(items)), 5))
     for x, row in enumerate(items):
         lo, hi = wilson(row.correct, row.total)
-        color = colors.get(row.method, "#2e7d32")
-        ax.bar(x, 100 * row.mean, color=color)
+        ax.bar(x, 100 * row.mean, color=method_color(row.method))
         ax.errorbar(
             x,
             100 * row.mean,
@@ -185,14 +183,16 @@ def plot(rows: dict[str, Row], path: Path, title: str) -> Path:
             color="black",
             zorder=3,
         )
-    ax.set_xticks(range(len(items)), [r.mode for r in items], rotation=70, ha="right", fontsize=6)
-    ax.set_ylabel("accuracy (%): seed mean, seeds (dots), pooled 95% CI")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_accuracy_plot(
+        fig,
+        ax,
+        [r.mode for r in items],
+        "accuracy (%): seed mean, seeds (dots), pooled 95% CI",
+        title,
+        path,
+        rotation=70,
+        fontsize=6,
+    )
 
 
 def run_quality(args: Any) -> dict[str, Any]:

@@ -122,6 +122,12 @@ class TrainingKnobs(BaseModel):
     lr: float = 1e-3
     scorer_lr: float = 1e-3
     aux_weight: float = 0.5
+    warmup: int = 100
+    keep_ratios: list[float] = Field(
+        [1.0, 0.5, 0.3, 0.2],
+        description="each training item's keep ratio is drawn from these; only items below "
+        "1.0 pass the answer's gradient to the scorer",
+    )
 
 
 class Train(TrainingKnobs):

@@ -195,74 +195,102 @@ def plot(rows: dict[str, Row], path: Path, title: str) -> Path:
     )
 
 
-def run_quality(args: Any) -> dict[str, Any]:
-    """`args`: out, seeds, init, mode, family, text_layers (a fresh demo's LLM depth),
-    train_fields (steps, batch_size, ...), samples, ratios, unit_samples."""
-    from stts_vllm.checkpoint import make_demo
+BASE_METHODS = ["none", "random", "evs", "heuristic"]
+
+
+def _eval(checkpoint: Path, out: Path, methods: list[str], args: Any) -> dict:
+    """`stts-vllm eval` of one checkpoint, reused when its report is already there."""
     from stts_vllm.training.evaluate import run_eval
+
+    report_path = out / "eval.json"
+    if not report_path.is_file():
+        run_eval(
+            SimpleNamespace(
+                checkpoint=checkpoint,
+                out=out,
+                samples=args.samples,
+                ratios=list(args.ratios),
+                methods=methods,
+                long=True,
+                distractor=True,
+                selections=None,
+                server=None,
+                api_key=None,
+                compare_hf=0,
+            )
+        )
+    return json.loads(report_path.read_text())
+
+
+def _answer_units(checkpoint: Path, path: Path, count: int) -> dict[str, float | None]:
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(answer_unit_kept(checkpoint, count), indent=2))
+    return json.loads(path.read_text())
+
+
+def _train_seed(args: Any, seed: int, run: Path) -> Path:
+    from stts_vllm.checkpoint import make_demo
     from stts_vllm.training.train import TrainConfig, train
 
+    checkpoint = run / "checkpoint"
+    if (checkpoint / "config.json").is_file():
+        return checkpoint
+    init = args.init
+    if init is None:
+        init = run / "init"
+        if not (init / "config.json").is_file():
+            layers = {"num_hidden_layers": args.text_layers}
+            if args.family == "qwen2_5_vl":
+                layers["max_window_layers"] = args.text_layers
+            make_demo(
+                init,
+                seed=seed,
+                scorer="learned",
+                overwrite=True,
+                family=args.family,
+                text_overrides=layers,
+            )
+    fields = dict(args.train_fields)
+    if "keep_ratios" in fields:
+        fields["keep_ratios"] = tuple(fields["keep_ratios"])
+    train(TrainConfig(init=Path(init), out=run, mode=args.mode, seed=seed, resume=True, **fields))
+    return checkpoint
+
+
+def run_quality(args: Any) -> dict[str, Any]:
+    """`args`: out, seeds, init, mode, family, text_layers (a fresh demo's LLM depth),
+    train_fields (steps, batch_size, ...), samples, ratios, unit_samples.
+
+    In `scorer` mode every seed shares the frozen base, so the rows that do not read the
+    scorer (none, random, EVS, heuristic) are evaluated once, on the base, and only the
+    learned rows once per seed."""
     out = Path(args.out)
     reports, answer_units = [], []
+    base_units = None
+    shared_base = args.mode == "scorer" and args.init is not None
+    if shared_base:
+        reports.append(_eval(Path(args.init), out / "base" / "eval", BASE_METHODS, args))
+        base_units = _answer_units(
+            Path(args.init), out / "base" / "answer_units.json", args.unit_samples
+        )
     for seed in args.seeds:
         run = out / f"seed-{seed}"
-        checkpoint = run / "checkpoint"
-        if not (checkpoint / "config.json").is_file():
-            init = args.init
-            if init is None:
-                init = run / "init"
-                if not (init / "config.json").is_file():
-                    layers = {"num_hidden_layers": args.text_layers}
-                    if args.family == "qwen2_5_vl":
-                        layers["max_window_layers"] = args.text_layers
-                    make_demo(
-                        init,
-                        seed=seed,
-                        scorer="learned",
-                        overwrite=True,
-                        family=args.family,
-                        text_overrides=layers,
-                    )
-            train(
-                TrainConfig(
-                    init=Path(init),
-                    out=run,
-                    mode=args.mode,
-                    seed=seed,
-                    resume=True,
-                    **args.train_fields,
-                )
-            )
-        report_path = run / "eval" / "eval.json"
-        if not report_path.is_file():
-            run_eval(
-                SimpleNamespace(
-                    checkpoint=checkpoint,
-                    out=run / "eval",
-                    samples=args.samples,
-                    ratios=list(args.ratios),
-                    methods=["none", "random", "evs", "heuristic", "learned"],
-                    long=True,
-                    distractor=True,
-                    selections=None,
-                    server=None,
-                    api_key=None,
-                    compare_hf=0,
-                )
-            )
-        reports.append(json.loads(report_path.read_text()))
-        units_path = run / "answer_units.json"
-        if not units_path.is_file():
-            units_path.write_text(
-                json.dumps(answer_unit_kept(checkpoint, args.unit_samples), indent=2)
-            )
-        answer_units.append(json.loads(units_path.read_text()))
+        checkpoint = _train_seed(args, seed, run)
+        methods = ["learned"] if shared_base else [*BASE_METHODS, "learned"]
+        reports.append(_eval(checkpoint, run / "eval", methods, args))
+        answer_units.append(_answer_units(checkpoint, run / "answer_units.json", args.unit_samples))
     rows = aggregate(reports)
     checks = targets(rows)
     title = (
         f"procedural video QA, {len(args.seeds)} seed(s) x {args.samples} questions per row"
         f" ({args.mode})"
     )
+    if shared_base:
+        title = (
+            f"procedural video QA: frozen base, scorer trained from {len(args.seeds)} seed(s);"
+            f" {args.samples} questions per row per seed"
+        )
     result = {
         "seeds": list(args.seeds),
         "mode": args.mode,
@@ -271,6 +299,9 @@ def run_quality(args: Any) -> dict[str, Any]:
         "targets": checks,
         "distractor_answer_unit_kept@0.5": answer_units,
     }
+    if base_units is not None:
+        result["base"] = str(args.init)
+        result["distractor_answer_unit_kept@0.5 (base scorer)"] = base_units
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2))
     plot(rows, out / "quality.png", title)
@@ -285,5 +316,10 @@ def run_quality(args: Any) -> dict[str, Any]:
             f"{name} {'-' if rate is None else f'{100 * rate:.0f}%'}" for name, rate in kept.items()
         )
         print(f"seed {seed}: distractor answer unit kept at 0.5: {rates}")
+    if base_units is not None:
+        rates = ", ".join(
+            f"{name} {'-' if r is None else f'{100 * r:.0f}%'}" for name, r in base_units.items()
+        )
+        print(f"base {args.init}: distractor answer unit kept at 0.5: {rates}")
     print(f"wrote {out / 'quality.json'} and quality.png")
     return result

@@ -9,19 +9,25 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from stts_vllm.core import retained_count
 from stts_vllm.training.evaluate import run_eval, video_metadata
 from stts_vllm.training.model import STTSVideoQAModel, chat_prompt
 from stts_vllm.training.videoqa import make_sample
-from tests.training.conftest import smoke_run  # noqa: F401  (fixture)
+from tests.training.conftest import qwen3_scorer_run, smoke_run  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("keep", [0.5, 1.0])
-def test_vllm_gives_the_training_models_logprobs(smoke_run: Path, engines, keep: float) -> None:  # noqa: F811
+@pytest.mark.parametrize("run", ["smoke_run", "qwen3_scorer_run"])
+def test_vllm_gives_the_training_models_logprobs(
+    run: str, request: pytest.FixtureRequest, engines, keep: float
+) -> None:
+    """Both families, trained from scratch (Qwen2.5-VL) and scorer-only on a frozen base
+    (Qwen3-VL): vLLM serves the trained checkpoint with the training model's numbers."""
     from vllm import SamplingParams
 
-    checkpoint = smoke_run / "checkpoint"
+    checkpoint = request.getfixturevalue(run) / "checkpoint"
     samples = [make_sample(i, "test") for i in range(4)]
     model = STTSVideoQAModel.from_checkpoint(checkpoint)
     model.eval()
@@ -141,3 +147,66 @@ def test_quality_driver_evaluates_a_trained_seed_and_aggregates(
     assert set(kept) == {"random (expected)", "heuristic", "learned"}
     assert all(0.0 <= rate <= 1.0 for rate in kept.values())
     assert kept["random (expected)"] == pytest.approx((retained_count(8, 36, 0.5) - 36) / (7 * 36))
+
+
+def test_quality_in_scorer_mode_evaluates_the_base_once_and_each_seeds_scorer(
+    smoke_run: Path,  # noqa: F811
+    engines,
+    tmp_path: Path,
+) -> None:
+    """`stts-vllm quality --init BASE --mode scorer`: the scorer-free rows come from one eval
+    of the frozen base, the learned rows from one eval per seed's trained scorer."""
+    from stts_vllm.training.quality import run_quality
+
+    engines.close()
+    out = tmp_path / "quality"
+    base = smoke_run / "checkpoint"
+    args = SimpleNamespace(
+        out=out,
+        seeds=[0, 1],
+        init=base,
+        mode="scorer",
+        family="qwen2_5_vl",
+        text_layers=2,
+        train_fields={
+            "steps": 2,
+            "batch_size": 2,
+            "warmup": 1,
+            "keep_ratios": [0.5],
+            "eval_samples": 2,
+            "scorer_lr": 5e-3,
+            "aux_weight": 0.0,
+        },
+        samples=2,
+        ratios=[0.5],
+        unit_samples=3,
+    )
+    run_quality(args)
+    saved = json.loads((out / "quality.json").read_text())
+    base_modes = {
+        r["mode"] for r in json.loads((out / "base/eval/eval.json").read_text())["results"]
+    }
+    assert "distractor/heuristic@0.5/16f" in base_modes
+    assert not any("learned" in mode for mode in base_modes)
+    for seed in (0, 1):
+        report = json.loads((out / f"seed-{seed}/eval/eval.json").read_text())
+        assert {r["method"] for r in report["results"]} == {"learned"}
+        trained = load_file(out / f"seed-{seed}/checkpoint/model.safetensors")
+        frozen = load_file(base / "model.safetensors")
+        assert trained.keys() == frozen.keys()
+        assert all(torch.equal(trained[k], v) for k, v in frozen.items())
+        scorer = load_file(out / f"seed-{seed}/checkpoint/stts_scorer.safetensors")
+        before = load_file(base / "stts_scorer.safetensors")
+        assert any(not torch.equal(scorer[k], v) for k, v in before.items())
+    rows = {r["mode"]: r for r in saved["rows"]}
+    assert len(rows["distractor/heuristic@0.5/16f"]["seed_accuracies"]) == 1
+    assert len(rows["distractor/learned@0.5/16f"]["seed_accuracies"]) == 2
+    assert rows["distractor/learned@0.5/16f"]["questions"] == 4
+    assert saved["base"] == str(base)
+    assert set(saved["distractor_answer_unit_kept@0.5 (base scorer)"]) == {
+        "random (expected)",
+        "heuristic",
+        "learned",
+    }
+    assert len(saved["distractor_answer_unit_kept@0.5"]) == 2
+    assert (out / "quality.png").stat().st_size > 1000

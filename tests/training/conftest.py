@@ -32,3 +32,15 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "out"
     train(TrainConfig(init=init, out=out, frames=(16,), **SMOKE))
     return out
+
+
+@pytest.fixture(scope="session")
+def qwen3_scorer_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """OUT of `stts-vllm train --init QWEN3_DEMO --mode scorer` (the frozen-base recipe on the
+    other family) after 3 steps."""
+    root = tmp_path_factory.mktemp("train-qwen3")
+    init = make_demo(root / "init", scorer="learned", family="qwen3_vl")
+    out = root / "out"
+    steps = SMOKE | {"steps": 3, "eval_every": 3, "save_every": 3}
+    train(TrainConfig(init=init, out=out, mode="scorer", frames=(16,), **steps))
+    return out

@@ -62,3 +62,46 @@ def test_rows_are_pooled_over_seeds_and_targets_read_the_means() -> None:
     assert low["measured"] == pytest.approx(0.02) and low["met"] is False
     # rows that were not run are "n/a", not a pass
     assert checks["long: heuristic@0.5 32f - keep 1.0 16f (equal tokens)"]["met"] is None
+
+
+def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch) -> None:
+    """The scorer recipe (`--mode scorer --init BASE --keep-ratios ... --aux-weight 0`) must
+    reach `train` whole; a dropped flag would silently train the default recipe."""
+    from stts_vllm import cli
+    from stts_vllm.training import quality
+
+    seen = {}
+    monkeypatch.setattr(quality, "run_quality", lambda args: seen.setdefault("args", args))
+    cli.main(
+        [
+            "quality",
+            "out",
+            "--init",
+            "base",
+            "--mode",
+            "scorer",
+            "--seeds",
+            "[3,4]",
+            "--steps",
+            "300",
+            "--warmup",
+            "30",
+            "--keep-ratios",
+            "[0.5,0.3]",
+            "--scorer-lr",
+            "0.005",
+            "--aux-weight",
+            "0",
+        ]
+    )
+    args = seen["args"]
+    assert args.mode == "scorer" and str(args.init) == "base" and args.seeds == [3, 4]
+    assert args.train_fields == {
+        "steps": 300,
+        "batch_size": 16,
+        "lr": 1e-3,
+        "scorer_lr": 0.005,
+        "aux_weight": 0.0,
+        "warmup": 30,
+        "keep_ratios": [0.5, 0.3],
+    }

@@ -70,8 +70,11 @@ def default_modes(
     for selection in selections:
         modes += [Mode(m, keep, selection=selection) for keep in ratios for m in STTS_METHODS]
     # Change is not the signal: the answer flashes once in a unit while most units flicker.
+    # At 0.5 the blocks before pruning can carry a dropped unit's colour to kept neighbours;
+    # at the smallest ratio few neighbours survive, so selection shows in accuracy too.
     modes += [Mode("none", 1.0, "distractor")]
-    modes += [Mode(m, 0.5, "distractor") for m in ("random", "evs", *STTS_METHODS)]
+    for keep in sorted({0.5, min(ratios, default=0.5)}, reverse=True):
+        modes += [Mode(m, keep, "distractor") for m in ("random", "evs", *STTS_METHODS)]
     # Test-time scaling on long clips (64 frames, one brief event): the unpruned model at 16
     # frames vs STTS at 0.5 with 2x the frames (same video-token budget), for both scorers.
     modes += [Mode("none", 1.0, "long", 16, 64)]

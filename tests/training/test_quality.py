@@ -105,3 +105,25 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
         "warmup": 30,
         "keep_ratios": [0.5, 0.3],
     }
+
+
+def test_the_eval_rows_cover_every_method_at_every_budget() -> None:
+    """Every method at each ratio, both selections for STTS, the distractor split at 0.5 and
+    at the smallest ratio (where few neighbours of a dropped unit survive), and test-time
+    scaling for both scorers."""
+    from stts_vllm.training.evaluate import default_modes
+
+    names = {m.name for m in default_modes((0.5, 0.3, 0.2), ("per_step",))}
+    methods = ("random", "evs", "heuristic", "learned")
+    for keep in (0.5, 0.3, 0.2):
+        assert {f"test/{m}@{keep}/16f" for m in methods} <= names
+        assert {f"test/{m}@{keep}/per_step/16f" for m in ("heuristic", "learned")} <= names
+    assert {f"distractor/{m}@{k}/16f" for m in methods for k in (0.5, 0.2)} <= names
+    assert not any(n.startswith("distractor/") and "@0.3" in n for n in names)
+    assert {"test/none/16f", "distractor/none/16f", "long/none/16f"} <= names
+    assert {f"long/{m}@0.5/32f" for m in ("heuristic", "learned")} <= names
+    only_half = {m.name for m in default_modes((0.5,), ())}
+    assert {n for n in only_half if n.startswith("distractor/")} == {
+        "distractor/none/16f",
+        *(f"distractor/{m}@0.5/16f" for m in methods),
+    }

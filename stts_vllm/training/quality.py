@@ -15,7 +15,6 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from stts_vllm.training.evaluate import method_color, save_accuracy_plot, wilson
@@ -200,23 +199,19 @@ BASE_METHODS = ["none", "random", "evs", "heuristic"]
 
 def _eval(checkpoint: Path, out: Path, methods: list[str], args: Any) -> dict:
     """`stts-vllm eval` of one checkpoint, reused when its report is already there."""
+    from stts_vllm.cli import Eval
     from stts_vllm.training.evaluate import run_eval
 
     report_path = out / "eval.json"
     if not report_path.is_file():
+        # The eval command's own defaults for every other field (long, distractor, ...).
         run_eval(
-            SimpleNamespace(
+            Eval(
                 checkpoint=checkpoint,
                 out=out,
                 samples=args.samples,
                 ratios=list(args.ratios),
                 methods=methods,
-                long=True,
-                distractor=True,
-                selections=None,
-                server=None,
-                api_key=None,
-                compare_hf=0,
             )
         )
     return json.loads(report_path.read_text())
@@ -251,10 +246,10 @@ def _train_seed(args: Any, seed: int, run: Path) -> Path:
                 family=args.family,
                 text_overrides=layers,
             )
-    fields = dict(args.train_fields)
-    if "keep_ratios" in fields:
-        fields["keep_ratios"] = tuple(fields["keep_ratios"])
-    train(TrainConfig(init=Path(init), out=run, mode=args.mode, seed=seed, resume=True, **fields))
+    config = TrainConfig(
+        init=Path(init), out=run, mode=args.mode, seed=seed, resume=True, **args.train_fields
+    )
+    train(config)
     return checkpoint
 
 

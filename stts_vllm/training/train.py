@@ -49,6 +49,11 @@ class TrainConfig:
     threads: int | None = None
     resume: bool = False
 
+    def __post_init__(self) -> None:
+        # CLI and JSON hand these over as lists; the saved config and `_batch` want tuples.
+        self.keep_ratios = tuple(self.keep_ratios)
+        self.frames = tuple(self.frames)
+
 
 def _trainable(model: STTSVideoQAModel, mode: str) -> list[dict]:
     scorer = list(model.scorer.parameters()) if model.scorer is not None else []

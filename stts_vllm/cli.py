@@ -21,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from stts_vllm.training.config import TrainConfig
+
 
 class MakeDemo(BaseModel):
     """Build a tiny random STTS checkpoint (offline, deterministic by seed): Qwen2.5-VL, or
@@ -115,16 +117,17 @@ class ServeDemo(BaseModel):
 
 
 class TrainingKnobs(BaseModel):
-    """The optimisation settings `train` and `quality` share (fields of `TrainConfig`)."""
+    """The optimisation settings `train` and `quality` share: fields of `TrainConfig`, whose
+    defaults they take."""
 
-    steps: int = 1500
-    batch_size: int = 16
-    lr: float = 1e-3
-    scorer_lr: float = 1e-3
-    aux_weight: float = 0.5
-    warmup: int = 100
+    steps: int = TrainConfig.steps
+    batch_size: int = TrainConfig.batch_size
+    lr: float = TrainConfig.lr
+    scorer_lr: float = TrainConfig.scorer_lr
+    aux_weight: float = TrainConfig.aux_weight
+    warmup: int = TrainConfig.warmup
     keep_ratios: list[float] = Field(
-        [1.0, 0.5, 0.3, 0.2],
+        list(TrainConfig.keep_ratios),
         description="each training item's keep ratio is drawn from these; only items below "
         "1.0 pass the answer's gradient to the scorer",
     )
@@ -144,18 +147,18 @@ class Train(TrainingKnobs):
     family: Literal["qwen2_5_vl", "qwen3_vl"] = Field(
         "qwen2_5_vl", description="the fresh demo's family when no --init is given"
     )
-    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
-    eval_every: int = 250
-    eval_samples: int = 100
-    save_every: int = 250
-    seed: int = 0
+    mode: Literal["scratch", "scorer", "scorer+llm"] = TrainConfig.mode
+    eval_every: int = TrainConfig.eval_every
+    eval_samples: int = TrainConfig.eval_samples
+    save_every: int = TrainConfig.save_every
+    seed: int = TrainConfig.seed
     resume: bool = Field(False, description="continue from OUT/last if it exists")
 
     def cli_cmd(self) -> None:
         import logging
 
         from stts_vllm.checkpoint import make_demo
-        from stts_vllm.training.train import TrainConfig, train
+        from stts_vllm.training.train import train
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         init = self.init

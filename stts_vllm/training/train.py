@@ -14,45 +14,19 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
 from tqdm import tqdm
 
+from stts_vllm.training.config import TrainConfig
 from stts_vllm.training.model import Prepared, STTSVideoQAModel
 from stts_vllm.training.videoqa import make_sample
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
-
-
-@dataclass
-class TrainConfig:
-    init: Path
-    out: Path
-    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
-    steps: int = 1500
-    batch_size: int = 16
-    lr: float = 1e-3
-    scorer_lr: float = 1e-3
-    warmup: int = 100
-    aux_weight: float = 0.5
-    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2)
-    frames: tuple[int, ...] = (16, 16, 16, 8, 32)
-    eval_every: int = 250
-    eval_samples: int = 100
-    save_every: int = 250
-    seed: int = 0
-    threads: int | None = None
-    resume: bool = False
-
-    def __post_init__(self) -> None:
-        # CLI and JSON hand these over as lists; the saved config and `_batch` want tuples.
-        self.keep_ratios = tuple(self.keep_ratios)
-        self.frames = tuple(self.frames)
 
 
 def _trainable(model: STTSVideoQAModel, mode: str) -> list[dict]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stts_vllm.training.quality import aggregate, targets
@@ -105,6 +107,21 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
         "warmup": 30,
         "keep_ratios": [0.5, 0.3],
     }
+
+
+def test_the_train_command_without_flags_trains_the_training_configs_defaults(
+    monkeypatch, capsys
+) -> None:
+    """The CLI takes its defaults from `TrainConfig`, so the two cannot drift apart."""
+    from stts_vllm import cli
+    from stts_vllm.training import train
+    from stts_vllm.training.config import TrainConfig
+
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda config: seen.setdefault("config", config))
+    cli.main(["train", "out", "--init", "base"])
+    assert seen["config"] == TrainConfig(init=Path("base"), out=Path("out"))
+    assert "trained STTS checkpoint" in capsys.readouterr().out
 
 
 def test_the_eval_rows_cover_every_method_at_every_budget() -> None:

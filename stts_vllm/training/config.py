@@ -1,0 +1,34 @@
+"""The training run's settings, apart from the loop so that the CLI can read their defaults
+without importing torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass
+class TrainConfig:
+    init: Path
+    out: Path
+    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 1e-3
+    scorer_lr: float = 1e-3
+    warmup: int = 100
+    aux_weight: float = 0.5
+    keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2)
+    frames: tuple[int, ...] = (16, 16, 16, 8, 32)
+    eval_every: int = 250
+    eval_samples: int = 100
+    save_every: int = 250
+    seed: int = 0
+    threads: int | None = None
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        # CLI and JSON hand these over as lists; the saved config and `_batch` want tuples.
+        self.keep_ratios = tuple(self.keep_ratios)
+        self.frames = tuple(self.frames)

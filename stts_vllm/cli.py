@@ -147,6 +147,9 @@ class Train(TrainingKnobs):
     family: Literal["qwen2_5_vl", "qwen3_vl"] = Field(
         "qwen2_5_vl", description="the fresh demo's family when no --init is given"
     )
+    text_layers: int | None = Field(
+        None, description="the fresh demo's LLM depth (default: the serving demo's)"
+    )
     mode: Literal["scratch", "scorer", "scorer+llm"] = TrainConfig.mode
     eval_every: int = TrainConfig.eval_every
     eval_samples: int = TrainConfig.eval_samples
@@ -157,18 +160,11 @@ class Train(TrainingKnobs):
     def cli_cmd(self) -> None:
         import logging
 
-        from stts_vllm.checkpoint import make_demo
-        from stts_vllm.training.train import train
+        from stts_vllm.training.train import fresh_demo, train
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        init = self.init
-        if init is None:
-            init = self.out / "init"
-            if not (init / "config.json").is_file():
-                make_demo(
-                    init, seed=self.seed, scorer="learned", overwrite=True, family=self.family
-                )
-        fields = self.model_dump(exclude={"out", "init", "family"})
+        init = self.init or fresh_demo(self.out / "init", self.seed, self.family, self.text_layers)
+        fields = self.model_dump(exclude={"out", "init", "family", "text_layers"})
         path = train(TrainConfig(init=init, out=self.out, **fields))
         print(f"trained STTS checkpoint: {path}")
 

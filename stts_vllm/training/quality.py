@@ -225,27 +225,12 @@ def _answer_units(checkpoint: Path, path: Path, count: int) -> dict[str, float |
 
 
 def _train_seed(args: Any, seed: int, run: Path) -> Path:
-    from stts_vllm.checkpoint import make_demo
-    from stts_vllm.training.train import TrainConfig, train
+    from stts_vllm.training.train import TrainConfig, fresh_demo, train
 
     checkpoint = run / "checkpoint"
     if (checkpoint / "config.json").is_file():
         return checkpoint
-    init = args.init
-    if init is None:
-        init = run / "init"
-        if not (init / "config.json").is_file():
-            layers = {"num_hidden_layers": args.text_layers}
-            if args.family == "qwen2_5_vl":
-                layers["max_window_layers"] = args.text_layers
-            make_demo(
-                init,
-                seed=seed,
-                scorer="learned",
-                overwrite=True,
-                family=args.family,
-                text_overrides=layers,
-            )
+    init = args.init or fresh_demo(run / "init", seed, args.family, args.text_layers)
     config = TrainConfig(
         init=Path(init), out=run, mode=args.mode, seed=seed, resume=True, **args.train_fields
     )

@@ -29,6 +29,24 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 
 
+def fresh_demo(init: Path, seed: int, family: str, text_layers: int | None = None) -> Path:
+    """The tiny demo a from-scratch run starts from (built once, reused by `--resume`), with
+    a learned scorer; `text_layers` deepens its LLM (the serving demo's 2 layers cannot learn
+    the time questions)."""
+    from stts_vllm.checkpoint import make_demo
+
+    if not (init / "config.json").is_file():
+        layers: dict[str, int] = {}
+        if text_layers is not None:
+            layers["num_hidden_layers"] = text_layers
+            if family == "qwen2_5_vl":
+                layers["max_window_layers"] = text_layers
+        make_demo(
+            init, seed=seed, scorer="learned", overwrite=True, family=family, text_overrides=layers
+        )
+    return init
+
+
 def _trainable(model: STTSVideoQAModel, mode: str) -> list[dict]:
     scorer = list(model.scorer.parameters()) if model.scorer is not None else []
     if mode == "scratch":

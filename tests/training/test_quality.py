@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -122,6 +123,34 @@ def test_the_train_command_without_flags_trains_the_training_configs_defaults(
     cli.main(["train", "out", "--init", "base"])
     assert seen["config"] == TrainConfig(init=Path("base"), out=Path("out"))
     assert "trained STTS checkpoint" in capsys.readouterr().out
+
+
+def test_a_fresh_train_builds_the_demo_the_quality_seeds_start_from(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """`train --text-layers 4 --seed 1` starts from the same demo as `quality`'s seed 1, so a
+    seed can be trained (and resumed to more steps) by hand and then evaluated by `quality`."""
+    import json
+
+    from stts_vllm import cli
+    from stts_vllm.training import quality, train
+
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda config: seen.__setitem__("config", config))
+    cli.main(["train", str(tmp_path / "run"), "--text-layers", "4", "--seed", "1"])
+    config = seen["config"]
+    assert config.init == tmp_path / "run" / "init" and config.seed == 1
+    text = json.loads((config.init / "config.json").read_text())["text_config"]
+    assert text["num_hidden_layers"] == 4 and text["max_window_layers"] == 4
+    args = SimpleNamespace(
+        init=None, family="qwen2_5_vl", text_layers=4, mode="scratch", train_fields={}
+    )
+    quality._train_seed(args, 1, tmp_path / "seed-1")
+    assert seen["config"].init == tmp_path / "seed-1" / "init"
+    for name in ("model.safetensors", "stts_scorer.safetensors"):
+        assert (tmp_path / "seed-1" / "init" / name).read_bytes() == (
+            config.init / name
+        ).read_bytes()
 
 
 def test_the_eval_rows_cover_every_method_at_every_budget() -> None:

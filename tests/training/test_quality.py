@@ -59,12 +59,24 @@ def test_rows_are_pooled_over_seeds_and_targets_read_the_means() -> None:
     assert checks["distractor: learned - heuristic @0.5"]["met"] is True
     edge = checks["distractor: learned - random @0.5"]  # 0.90 - 0.85: exactly 5 points
     assert edge["measured"] == pytest.approx(0.05) and edge["met"] is True
+    assert edge["per_seed"] == pytest.approx([0.04, 0.06])  # 0.90 - 0.86, 0.90 - 0.84
     assert checks["test: learned@0.5 - keep 1.0 (>= -1 point)"]["met"] is True
     assert checks["test: learned - random @0.3"]["met"] is True
     low = checks["test: learned - random @0.2"]  # 0.67 - 0.65: 2 points
     assert low["measured"] == pytest.approx(0.02) and low["met"] is False
     # rows that were not run are "n/a", not a pass
     assert checks["long: heuristic@0.5 32f - keep 1.0 16f (equal tokens)"]["met"] is None
+
+
+def test_in_scorer_mode_each_seeds_gap_is_to_the_shared_base_rows() -> None:
+    """Scorer mode evaluates the base rows once and the learned rows per seed."""
+    base = _report({k: v for k, v in ROWS.items() if "learned" not in k})
+    learned = {k: v for k, v in ROWS.items() if "learned" in k}
+    rows = aggregate([base, _report(learned), _report(learned | {"test/learned@0.2/16f": 0.71})])
+    assert rows["test/random@0.2/16f"].accuracies == [0.65]
+    low = {t["target"]: t for t in targets(rows)}["test: learned - random @0.2"]
+    assert low["measured"] == pytest.approx(0.04)  # mean(0.67, 0.71) - 0.65
+    assert low["per_seed"] == pytest.approx([0.02, 0.06])
 
 
 def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch) -> None:

@@ -148,7 +148,7 @@ class Train(TrainingKnobs):
         "qwen2_5_vl", description="the fresh demo's family when no --init is given"
     )
     text_layers: int | None = Field(
-        None, description="the fresh demo's LLM depth (default: the serving demo's)"
+        None, ge=1, description="the fresh demo's LLM depth (default: the serving demo's)"
     )
     mode: Literal["scratch", "scorer", "scorer+llm"] = TrainConfig.mode
     eval_every: int = TrainConfig.eval_every
@@ -209,7 +209,9 @@ class Quality(TrainingKnobs):
     )
     family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
     text_layers: int = Field(
-        4, description="LLM depth of the fresh demos (the serving demo has 2): time questions"
+        4,
+        ge=1,
+        description="LLM depth of the fresh demos (the serving demo has 2): time questions",
     )
     mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
     steps: int = 1200

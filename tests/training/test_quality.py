@@ -185,3 +185,16 @@ def test_the_eval_rows_cover_every_method_at_every_budget() -> None:
         "distractor/none/16f",
         *(f"distractor/{m}@0.5/16f" for m in methods),
     }
+
+
+@pytest.mark.parametrize("command", ["train", "quality"])
+def test_a_demo_without_llm_layers_is_refused_before_anything_is_built(
+    command: str, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from stts_vllm import cli
+
+    with pytest.raises((ValidationError, SystemExit), match="greater than or equal to 1"):
+        cli.main([command, str(tmp_path / "run"), "--text-layers", "0"])
+    assert not (tmp_path / "run").exists()

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from stts_vllm.training.config import TrainConfig
+from stts_vllm.training.videoqa import TASKS
 
 
 class MakeDemo(BaseModel):
@@ -130,6 +131,12 @@ class TrainingKnobs(BaseModel):
         list(TrainConfig.keep_ratios),
         description="each training item's keep ratio is drawn from these; only items below "
         "1.0 pass the answer's gradient to the scorer",
+    )
+    tasks: list[Literal[*TASKS]] = Field(  # type: ignore[valid-type]
+        list(TrainConfig.tasks),
+        min_length=1,
+        description="the training mix: the batch cycles through these tasks; list one twice "
+        "to give it twice the questions (a curriculum of a few tasks, for instance)",
     )
 
 

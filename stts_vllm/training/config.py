@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from stts_vllm.training.videoqa import TASKS
+
 
 @dataclass
 class TrainConfig:
@@ -21,6 +23,10 @@ class TrainConfig:
     aux_weight: float = 0.5
     keep_ratios: tuple[float, ...] = (1.0, 0.5, 0.3, 0.2)
     frames: tuple[int, ...] = (16, 16, 16, 8, 32)
+    # The training mix: item i of a step's batch asks tasks[(first sample + i) % len]; a
+    # task listed twice gets twice the questions. The default is exactly the test split's
+    # cycle, so the default samples are the same with or without this field.
+    tasks: tuple[str, ...] = TASKS
     eval_every: int = 250
     eval_samples: int = 100
     save_every: int = 250
@@ -32,3 +38,7 @@ class TrainConfig:
         # CLI and JSON hand these over as lists; the saved config and `_batch` want tuples.
         self.keep_ratios = tuple(self.keep_ratios)
         self.frames = tuple(self.frames)
+        self.tasks = tuple(self.tasks)
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if not self.tasks or unknown:
+            raise ValueError(f"tasks must be a non-empty list from {list(TASKS)}, got {unknown}")

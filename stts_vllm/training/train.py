@@ -80,8 +80,10 @@ def _batch(
     rng = random.Random(config.seed * 1_000_003 + step)
     frames = rng.choice(config.frames)
     first = (config.seed * 10_000_000 + step * config.batch_size) % 9_000_000
+    tasks = config.tasks
     items = [
-        model.prepare(make_sample(first + i, "train", frames)) for i in range(config.batch_size)
+        model.prepare(make_sample(first + i, "train", frames, tasks[(first + i) % len(tasks)]))
+        for i in range(config.batch_size)
     ]
     keeps = [rng.choice(config.keep_ratios) for _ in items]
     return items, keeps

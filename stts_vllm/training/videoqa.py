@@ -245,12 +245,20 @@ _MAKERS = {
 }
 
 
-def make_sample(seed: int, split: str = "train", num_frames: int = 16) -> VideoQA:
-    """Sample `seed` of `split`; the same arguments always give the same pixels."""
+def make_sample(
+    seed: int, split: str = "train", num_frames: int = 16, task: str | None = None
+) -> VideoQA:
+    """Sample `seed` of `split`; the same arguments always give the same pixels. The task
+    cycles with the seed through `TASKS` unless `task` names one (a training mix that
+    weights some tasks, for instance); the `long` and `distractor` splits have their own."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     if num_frames < 8 or num_frames % 2:
         raise ValueError(f"num_frames must be an even number >= 8, got {num_frames}")
+    if task is not None and (task not in TASKS or split in ("long", "distractor")):
+        raise ValueError(
+            f"task must be one of {list(TASKS)} on a mixed split, got {task!r} on {split!r}"
+        )
     rng = np.random.default_rng(SPLIT_SEEDS[split] + seed)
     frames = _backgrounds(rng, num_frames).copy()
     meta: dict = {}
@@ -258,7 +266,7 @@ def make_sample(seed: int, split: str = "train", num_frames: int = 16) -> VideoQ
         question, answer = _flash(rng, frames)
         task = "long"
     else:
-        task = "distractor" if split == "distractor" else TASKS[seed % len(TASKS)]
+        task = "distractor" if split == "distractor" else task or TASKS[seed % len(TASKS)]
         made = _MAKERS[task](rng, frames)
         question, answer = made[:2]
         meta = made[2] if len(made) > 2 else {}

@@ -137,6 +137,23 @@ def test_the_train_command_without_flags_trains_the_training_configs_defaults(
     assert "trained STTS checkpoint" in capsys.readouterr().out
 
 
+def test_the_training_mix_reaches_the_config_and_unknown_tasks_are_refused(
+    monkeypatch, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from stts_vllm import cli
+    from stts_vllm.training import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda config: seen.setdefault("config", config))
+    cli.main(["train", "out", "--init", "base", "--tasks", "[direction,changed,direction]"])
+    assert seen["config"].tasks == ("direction", "changed", "direction")
+    with pytest.raises((ValidationError, SystemExit), match="direction"):
+        cli.main(["train", str(tmp_path / "run"), "--tasks", "[colour]"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_fresh_train_builds_the_demo_the_quality_seeds_start_from(
     monkeypatch, tmp_path: Path
 ) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read_config
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.model import STTSVideoQAModel
-from stts_vllm.training.train import TrainConfig, train
-from stts_vllm.training.videoqa import make_sample
+from stts_vllm.training.train import TrainConfig, _batch, train
+from stts_vllm.training.videoqa import TASKS, make_sample
 from tests.training.conftest import SMOKE, read_log
 
 
@@ -90,3 +92,34 @@ def test_scorer_mode_trains_only_the_scorer_of_a_frozen_base(
     scorer_after = load_file(str(trained / SCORER_FILE))
     assert any(not torch.equal(scorer_before[k], scorer_after[k]) for k in scorer_before)
     assert read_config(trained)["stts"]["scorer"] == "learned"
+
+
+class _Pixels:
+    """`_batch` only asks the model to prepare each sample; keep the samples as they are."""
+
+    def prepare(self, sample):
+        return sample
+
+
+def test_the_default_training_mix_is_the_task_cycle_and_tasks_reweights_it() -> None:
+    config = TrainConfig(init=Path("i"), out=Path("o"), batch_size=14)
+    items, _ = _batch(_Pixels(), 5, config)
+    first = items[0].seed
+    # the default samples are the ones a run drew before the mix existed
+    before = [make_sample(first + i, "train", len(items[0].frames)) for i in range(14)]
+    assert all(np.array_equal(a.frames, b.frames) for a, b in zip(items, before, strict=True))
+    assert [s.question for s in items] == [s.question for s in before]
+    assert [s.task for s in items] == [TASKS[(first + i) % len(TASKS)] for i in range(14)]
+
+    mix = TrainConfig(
+        init=Path("i"), out=Path("o"), batch_size=12, tasks=("direction", "changed", "direction")
+    )
+    tasks = [s.task for s in _batch(_Pixels(), 5, mix)[0]]
+    assert tasks.count("direction") == 8 and tasks.count("changed") == 4
+
+
+def test_an_unknown_or_empty_mix_is_refused() -> None:
+    with pytest.raises(ValueError, match="tasks"):
+        TrainConfig(init=Path("i"), out=Path("o"), tasks=("colour",))
+    with pytest.raises(ValueError, match="tasks"):
+        TrainConfig(init=Path("i"), out=Path("o"), tasks=())

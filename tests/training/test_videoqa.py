@@ -55,6 +55,26 @@ def test_bad_arguments_are_refused() -> None:
         make_sample(0, "nope")
     with pytest.raises(ValueError, match="num_frames"):
         make_sample(0, "train", 7)
+    with pytest.raises(ValueError, match="task"):
+        make_sample(0, "train", task="nope")
+    with pytest.raises(ValueError, match="task"):
+        make_sample(0, "distractor", task="color")  # that split asks one task only
+
+
+def test_a_named_task_overrides_the_cycle_and_stays_deterministic() -> None:
+    def same(a, b) -> bool:
+        return np.array_equal(a.frames, b.frames) and (a.question, a.answer, a.task) == (
+            b.question,
+            b.answer,
+            b.task,
+        )
+
+    cycled = make_sample(8, "train")  # seed 8 cycles to TASKS[1]
+    assert cycled.task == TASKS[1]
+    assert same(make_sample(8, "train", task=TASKS[1]), cycled)  # the cycle's own task: same
+    named = make_sample(8, "train", task="changed")
+    assert named.task == "changed" and same(named, make_sample(8, "train", task="changed"))
+    assert named.question.startswith("Which") and named.answer in ("left", "right")
 
 
 @pytest.mark.parametrize("seed", range(12))

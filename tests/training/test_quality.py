@@ -107,6 +107,8 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
             "0.005",
             "--aux-weight",
             "0",
+            "--tasks",
+            "[count,count,color]",
         ]
     )
     args = seen["args"]
@@ -119,6 +121,7 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
         "aux_weight": 0.0,
         "warmup": 30,
         "keep_ratios": [0.5, 0.3],
+        "tasks": ["count", "count", "color"],
     }
 
 

@@ -3,14 +3,16 @@
     .venv/bin/python bench/probe_position.py artifacts/quality3/seed-0/checkpoint \
         --out artifacts/probe-position/qwen2_5
 
-No trained model here answers *direction* or *changed* (which side): each says one word to
-every question. Two places can lose the side: the vision tower (the shape's merged token does
-not carry its column, and the LLM's M-RoPE width rotation is too slow to tell columns apart) or
-the LLM (the token carries it, the answer never reads it). A linear probe on each answers it:
+Models trained on the default mix do not answer *direction* or *changed* (which side): each
+says one word to every question. Two places can lose the side: the vision tower (the shape's
+merged token does not carry its column, and the LLM's M-RoPE width rotation is too slow to
+tell columns apart) or the LLM (the token carries it, the answer never reads it). A linear
+probe on each answers it:
 
 - `token`: the merged video token that holds the shape in the first temporal step (the side
-  the shape starts on is the answer), exactly as the LLM receives it. Column and side probes,
-  plus the shape's colour as a positive control (the model answers *color* 100%).
+  the shape starts on is the answer), exactly as the LLM receives it: its side, and the
+  shape's colour as a positive control (the model answers *color* 100%). The shape starts in
+  the first or the last column, so side = column.
 - `track mean`: the shape's token averaged over every step. The shape crosses the whole
   width either way, so this mean carries the direction only if single tokens encode the
   motion itself (each token sees two frames); if it is at chance, answering needs attention
@@ -122,12 +124,8 @@ def collect(model: STTSVideoQAModel, samples: Sequence) -> dict[str, torch.Tenso
             model.forward([item], [1.0])
             _, h, w = item.grid
             units_h, units_w = h // model.unit, w // model.unit
-            y, x = shape_box(sample.frames[0])
-            unit_row = min(int(y * units_h / SIZE), units_h - 1)
-            unit_col = min(int(x * units_w / SIZE), units_w - 1)
             ids = [*item.prefix, *model._video_span(item, None)]
             video_rows = [i for i, t in enumerate(ids) if t == model.video_pad]
-            token = captured["inputs"][video_rows[unit_row * units_w + unit_col]]
             track = []  # the shape's token in every step: what uniform attention would read
             for step in range(item.grid[0]):
                 ty, tx = shape_box(sample.frames[2 * step])
@@ -135,12 +133,12 @@ def collect(model: STTSVideoQAModel, samples: Sequence) -> dict[str, torch.Tenso
                 c = min(int(tx * units_w / SIZE), units_w - 1)
                 track.append(captured["inputs"][video_rows[(step * units_h + r) * units_w + c]])
             rows["track"].append(torch.stack(track).mean(0))
+            rows["token"].append(track[0])  # step 0 starts at frame 0: where the answer is
             answer_row = len(ids) + len(item.suffix) - 1
-            rows["token"].append(token)
             rows["llm/0"].append(captured["inputs"][answer_row])
             for d in range(depth):
                 rows[f"llm/{d + 1}"].append(captured[f"layer{d}"][answer_row])
-            rows["side"].append(int(x >= SIZE / 2))
+            rows["side"].append(int(shape_box(sample.frames[0])[1] >= SIZE / 2))
             rows["color"].append(colors.index(sample.question.split()[4]))
     finally:
         for handle in handles:
@@ -163,12 +161,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     model = STTSVideoQAModel.from_checkpoint(args.checkpoint, scorer="heuristic").eval()
-    samples = []
-    seed = 0
-    while len(samples) < args.fit + args.held_out:
-        sample = make_sample(seed, "test", task="direction")
-        samples.append(sample)
-        seed += 1
+    samples = [make_sample(s, "test", task="direction") for s in range(args.fit + args.held_out)]
     data = collect(model, samples)
     n = args.fit
 

@@ -132,6 +132,17 @@ class TrainingKnobs(BaseModel):
         description="each training item's keep ratio is drawn from these; only items below "
         "1.0 pass the answer's gradient to the scorer",
     )
+    explore: float = Field(
+        TrainConfig.explore,
+        ge=0,
+        description="> 0: draw the learned scorer's kept sets at this temperature (Gumbel "
+        "top-k) instead of the top-k; not the paper's recipe",
+    )
+    policy_weight: float = Field(
+        TrainConfig.policy_weight,
+        ge=0,
+        description="weight of the REINFORCE term on the explored draws (needs --explore)",
+    )
     tasks: list[Literal[*TASKS]] = Field(  # type: ignore[valid-type]
         list(TrainConfig.tasks),
         min_length=1,

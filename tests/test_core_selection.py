@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from stts_vllm.core import retained_count, retention_mask, step_quotas
+from stts_vllm.core import retained_count, retention_mask, sample_retention, step_quotas
 from stts_vllm.core.config import STTSConfigError
 
 
@@ -92,3 +92,56 @@ def test_per_step_mask_counts_are_the_quotas_for_many_shapes() -> None:
 def test_unknown_selection_is_refused() -> None:
     with pytest.raises(ValueError, match="selection"):
         retention_mask(torch.rand(2, 2), 0.5, "per_frame")
+
+
+@pytest.mark.parametrize("selection", ["global", "per_step"])
+def test_explored_draws_have_the_top_k_shape(selection: str) -> None:
+    gen = torch.Generator().manual_seed(2)
+    for steps, units, keep in [(2, 9, 0.3), (16, 25, 0.5), (1, 4, 0.5), (9, 12, 0.77)]:
+        scores = torch.rand(steps, units, generator=gen)
+        mask, log_prob = sample_retention(scores, keep, selection, generator=gen)
+        top_k = retention_mask(scores, keep, selection)
+        assert mask[0].all() and int(mask.sum()) == int(top_k.sum())
+        if selection == "per_step":
+            assert mask.sum(dim=1).tolist() == step_quotas(steps, units, keep)
+        assert float(log_prob) <= 0.0
+
+
+def test_an_explored_single_pick_follows_the_softmax_of_the_logits() -> None:
+    """One unit drawn of three: P(unit) = softmax(logit(score) / temperature), and the returned
+    log-probability is that probability's log (what makes the REINFORCE term unbiased)."""
+    scores = torch.tensor([[1.0, 1.0, 1.0], [0.2, 0.5, 0.9]])
+    temperature = 2.0
+    expected = torch.softmax(torch.logit(scores[1]) / temperature, dim=0)
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(3)
+    for _ in range(4000):
+        mask, log_prob = sample_retention(scores, 4 / 6, temperature=temperature, generator=gen)
+        (pick,) = mask[1].nonzero()[0].tolist()
+        counts[pick] += 1
+        assert float(log_prob) == pytest.approx(float(expected[pick].log()), abs=1e-5)
+    torch.testing.assert_close(counts / counts.sum(), expected, atol=0.03, rtol=0)
+
+
+def test_an_explored_ordered_draw_has_the_plackett_luce_probability() -> None:
+    scores = torch.tensor([[1.0] * 4, [0.1, 0.4, 0.6, 0.95]])
+    logits = torch.logit(scores[1])
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(20):
+        mask, log_prob = sample_retention(scores, 6 / 8, generator=gen)  # 2 of the 4 drawn
+        kept = mask[1].nonzero().flatten().tolist()
+        # Either order of the two kept units could have been the draw; the returned value is
+        # the log-probability of one of them, per unit drawn.
+        orders = [kept, kept[::-1]]
+        values = []
+        for a, b in orders:
+            first = logits[a] - torch.logsumexp(logits, 0)
+            rest = [i for i in range(4) if i != a]
+            second = logits[b] - torch.logsumexp(logits[rest], 0)
+            values.append(float((first + second) / 2))
+        assert any(abs(float(log_prob) - v) < 1e-5 for v in values), (kept, log_prob, values)
+
+
+def test_exploration_needs_a_positive_temperature() -> None:
+    with pytest.raises(ValueError, match="temperature"):
+        sample_retention(torch.rand(3, 3), 0.5, temperature=0.0)

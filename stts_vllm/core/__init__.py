@@ -27,7 +27,12 @@ from stts_vllm.core.scoring import (
     temporal_loss,
     temporal_target,
 )
-from stts_vllm.core.selection import retained_count, retention_mask, step_quotas
+from stts_vllm.core.selection import (
+    retained_count,
+    retention_mask,
+    sample_retention,
+    step_quotas,
+)
 
 __all__ = [
     "BIAS_CHANNELS",
@@ -42,6 +47,7 @@ __all__ = [
     "random_scores",
     "retained_count",
     "retention_mask",
+    "sample_retention",
     "score_units",
     "step_positions",
     "step_quotas",

@@ -22,7 +22,7 @@ from torch import nn
 from stts_vllm.core.config import STTSConfig
 from stts_vllm.core.packing import PackedUnits, pack_kept_units, token_rows
 from stts_vllm.core.scoring import key_bias, score_units, temporal_loss, temporal_target
-from stts_vllm.core.selection import retention_mask
+from stts_vllm.core.selection import retention_mask, sample_retention
 
 Rotary = tuple[torch.Tensor, ...]
 """Per-patch-row tensors that travel with the hidden states (rotary cos/sin, ...)."""
@@ -89,6 +89,9 @@ class PruningPlan:
     biased: int
     selection: str
     config: STTSConfig
+    # Training only: > 0 draws each learned-scorer item's kept set (`sample_retention`, this
+    # temperature) instead of taking the top-k, and records the draw's log-probability.
+    explore: float = 0.0
 
 
 def plan_pruning(
@@ -97,6 +100,7 @@ def plan_pruning(
     keep_ratios: Sequence[float],
     config: STTSConfig,
     selection: str,
+    explore: float = 0.0,
 ) -> PruningPlan:
     config.check_vit_depth(adapter.depth)
     grid_thw = [tuple(int(x) for x in g) for g in grid_thw]
@@ -111,6 +115,7 @@ def plan_pruning(
         biased=config.prune_at + 1,
         selection=selection,
         config=config,
+        explore=explore,
     )
 
 
@@ -119,13 +124,15 @@ class PrunedTower:
     """Per item: the kept units' embeddings in original unit order (extra outputs such as
     deepstack features concatenated on the last dim, as the stock tower concatenates them)
     and the keep mask over all units (None: all kept); for pruned items the scores and, when
-    asked for, temporal targets; the mean temporal loss of learned-scorer items."""
+    asked for, temporal targets; the mean temporal loss of learned-scorer items; per item,
+    the log-probability of an explored draw (None where the kept set was the top-k)."""
 
     embeds: list[torch.Tensor]
     keep_masks: list[torch.Tensor | None]
     scores: list[torch.Tensor | None] = field(default_factory=list)
     targets: list[torch.Tensor | None] = field(default_factory=list)
     temporal_loss: torch.Tensor | None = None
+    log_probs: list[torch.Tensor | None] = field(default_factory=list)
 
 
 def _select(
@@ -144,6 +151,7 @@ def _select(
             out.keep_masks.append(None)
             out.scores.append(None)
             out.targets.append(None)
+            out.log_probs.append(None)
             biases.append(torch.zeros(count, device=units.device))
             continue
         item = item.reshape(t, h * w, *units.shape[1:])
@@ -151,7 +159,12 @@ def _select(
         target = temporal_target(item.detach()) if want_targets else None
         if config.scorer == "learned" and target is not None:
             losses.append(temporal_loss(scores, target))
-        out.keep_masks.append(retention_mask(scores.detach(), keep, plan.selection).reshape(-1))
+        if plan.explore > 0 and config.scorer == "learned":
+            mask, log_prob = sample_retention(scores, keep, plan.selection, plan.explore)
+        else:
+            mask, log_prob = retention_mask(scores.detach(), keep, plan.selection), None
+        out.keep_masks.append(mask.reshape(-1))
+        out.log_probs.append(log_prob)
         out.scores.append(scores.detach())
         out.targets.append(target)
         biases.append(key_bias(scores, config.bias_floor, config.scorer).reshape(-1).float())

@@ -63,3 +63,45 @@ def retention_mask(
     else:
         raise ValueError(f"unknown selection {selection!r}; expected 'global' or 'per_step'")
     return mask
+
+
+def sample_retention(
+    scores: torch.Tensor,
+    keep_ratio: float,
+    selection: str = "global",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training-time exploration: draw the kept set instead of taking the top-k, and return
+    its log-probability, so a score-function (REINFORCE) term can tell the scorer what
+    dropping a unit cost the answer. The key bias alone never reports that cost: a dropped
+    unit leaves no trace in the loss. Not the paper's recipe (it trains through the key bias
+    only); off unless a training run asks for it, and never used when serving.
+
+    The draw is Gumbel top-k over `logit(score) / temperature`, i.e. a Plackett-Luce sample of
+    the same size and shape as `retention_mask` (first step whole; `global` or `per_step`).
+    Returns the mask and the ordered draw's log-probability, averaged over the units drawn
+    (differentiable in `scores`; zero when nothing is drawn).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = torch.logit(scores[1:].float().clamp(1e-6, 1.0 - 1e-6)) / temperature
+    uniform = torch.rand(logits.shape, generator=generator).clamp(1e-12, 1.0 - 1e-12)
+    noisy = logits.detach() + (-torch.log(-torch.log(uniform))).to(logits.device)
+    first = noisy.new_ones(1, scores.shape[1])
+    mask = retention_mask(torch.cat([first, noisy]), keep_ratio, selection)
+    if selection == "global":
+        rows, drawn = logits.reshape(1, -1), noisy.reshape(1, -1)
+        picks = torch.tensor([int(mask[1:].sum())], device=logits.device)
+    else:  # per_step: one Plackett-Luce draw per step, of that step's quota
+        rows, drawn = logits, noisy
+        picks = mask[1:].sum(dim=-1)
+    if rows.numel() == 0 or int(picks.sum()) == 0:
+        return mask, scores.sum() * 0.0
+    order = torch.argsort(drawn, dim=-1, descending=True, stable=True)
+    ranked = rows.gather(-1, order)
+    # Position j of a draw picks one of the units not yet drawn: log p = l_j - logsumexp(l_j..).
+    rest = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)
+    position = torch.arange(ranked.shape[-1], device=ranked.device)
+    drawn_terms = (ranked - rest) * (position < picks.unsqueeze(-1))
+    return mask, drawn_terms.sum() / picks.sum()

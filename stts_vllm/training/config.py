@@ -27,6 +27,10 @@ class TrainConfig:
     # task listed twice gets twice the questions. The default is exactly the test split's
     # cycle, so the default samples are the same with or without this field.
     tasks: tuple[str, ...] = TASKS
+    # Off by default (the paper's recipe): `explore` > 0 draws the learned scorer's kept sets
+    # at this temperature; `policy_weight` scales the REINFORCE term on those draws.
+    explore: float = 0.0
+    policy_weight: float = 0.0
     eval_every: int = 250
     eval_samples: int = 100
     save_every: int = 250
@@ -40,5 +44,7 @@ class TrainConfig:
         self.frames = tuple(self.frames)
         self.tasks = tuple(self.tasks)
         unknown = sorted(set(self.tasks) - set(TASKS))
+        if self.policy_weight and self.explore <= 0:
+            raise ValueError("policy_weight needs explore > 0: a top-k draw has no probability")
         if not self.tasks or unknown:
             raise ValueError(f"tasks must be a non-empty list from {list(TASKS)}, got {unknown}")

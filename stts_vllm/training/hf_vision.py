@@ -148,9 +148,11 @@ def pruned_vision_forward(
     config: STTSConfig,
     scorer: nn.Module | None,
     selection: str = "global",
+    explore: float = 0.0,
 ) -> PrunedTower:
     """Encode video items with STTS, returning the temporal targets the loss needs; an item
-    with keep ratio 1.0 is encoded exactly as the stock tower would."""
+    with keep ratio 1.0 is encoded exactly as the stock tower would. `explore` > 0 draws the
+    learned scorer's kept sets (see `sample_retention`)."""
     adapter = tower_adapter(visual)
-    plan = plan_pruning(adapter, grid_thw, keep_ratios, config, selection)
+    plan = plan_pruning(adapter, grid_thw, keep_ratios, config, selection, explore)
     return run_pruned_tower(adapter, plan, pixel_values, scorer, want_targets=True)

@@ -1,6 +1,7 @@
 """transformers' Qwen2.5-VL or Qwen3-VL with STTS in its vision tower: the model training runs.
 
-Loss = LM loss on the answer tokens + `aux_weight` x the scorer's temporal loss. Several
+Loss = LM loss on the answer tokens + `aux_weight` x the scorer's temporal loss (the trainer
+may add a REINFORCE term on explored draws: `Outputs.sample_losses`, `log_probs`). Several
 samples share one sequence (packed: transformers starts a new causal block wherever the text
 position row restarts), and kept video tokens sit at their original (t, h, w) M-RoPE
 positions, exactly where vLLM's STTS model puts them, so a checkpoint saved here serves as is.
@@ -104,6 +105,8 @@ class Outputs:
     video_tokens: list[int]  # per sample, after pruning
     scores: list[torch.Tensor | None]
     targets: list[torch.Tensor | None]
+    sample_losses: torch.Tensor  # per sample: mean LM loss over its answer tokens (detached)
+    log_probs: list[torch.Tensor | None]  # per sample: log-probability of an explored draw
 
 
 class STTSVideoQAModel(nn.Module):
@@ -261,7 +264,11 @@ class STTSVideoQAModel(nn.Module):
     # -- forward --
 
     def forward(
-        self, batch: Sequence[Prepared], keep_ratios: Sequence[float], aux_weight: float = 0.5
+        self,
+        batch: Sequence[Prepared],
+        keep_ratios: Sequence[float],
+        aux_weight: float = 0.5,
+        explore: float = 0.0,
     ) -> Outputs:
         device = next(self.hf.parameters()).device
         vision = pruned_vision_forward(
@@ -272,6 +279,7 @@ class STTSVideoQAModel(nn.Module):
             config=self.stts,
             scorer=self.scorer,
             selection=self.stts.selection,
+            explore=explore,
         )
         embed = self.hf.model.get_input_embeddings()
         segments: list[Segment] = []
@@ -299,7 +307,11 @@ class STTSVideoQAModel(nn.Module):
             targets += item.answer
         hidden = self._packed_llm(segments, device)
         logits = self.hf.lm_head(hidden)
-        lm_loss = F.cross_entropy(logits.float(), torch.tensor(targets, device=device))
+        token_losses = F.cross_entropy(
+            logits.float(), torch.tensor(targets, device=device), reduction="none"
+        )
+        lm_loss = token_losses.mean()
+        per_sample = token_losses.detach().split([len(item.answer) for item in batch])
         temporal = vision.temporal_loss
         if temporal is None:
             temporal = logits.new_zeros(())
@@ -315,6 +327,8 @@ class STTSVideoQAModel(nn.Module):
             video_tokens=[e.shape[0] for e in vision.embeds],
             scores=vision.scores,
             targets=vision.targets,
+            sample_losses=torch.stack([loss.mean() for loss in per_sample]),
+            log_probs=vision.log_probs,
         )
 
     def _packed_llm(self, segments: list[Segment], device: torch.device) -> torch.Tensor:

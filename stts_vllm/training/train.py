@@ -5,6 +5,11 @@ a base model and trains only the scorer; `scorer+llm` also trains the LLM. Each 
 `batch_size` procedural samples into one sequence; keep ratios are drawn per sample from
 `keep_ratios`, so the model learns to answer at every budget it will be served at. Progress
 goes to a tqdm bar and a JSON-lines log; `resume` continues from the last saved state.
+
+`explore` > 0 adds what the paper does not have: the learned scorer's kept sets are drawn
+(`sample_retention`) and a REINFORCE term (`policy_weight`) rewards draws whose answer loss
+beat the running loss of their task at their keep ratio, so the scorer hears what dropping a
+unit cost; the key bias alone only reports what a kept unit's neighbours read from it.
 """
 
 from __future__ import annotations
@@ -121,6 +126,26 @@ def evaluate(
     return result
 
 
+def policy_loss(
+    log_probs: list[torch.Tensor | None],
+    losses: torch.Tensor,
+    keys: list[tuple[str, float]],
+    baselines: dict[tuple[str, float], float],
+    decay: float = 0.9,
+) -> torch.Tensor | None:
+    """REINFORCE on the explored draws: minus (baseline - loss) x log p(draw), averaged over
+    the items that drew. The baseline is a running mean of the loss per (task, keep ratio),
+    updated here; an item whose key is new sets it and has no advantage. None: nothing drew."""
+    terms = []
+    for log_prob, loss, key in zip(log_probs, losses.tolist(), keys, strict=True):
+        if log_prob is None:
+            continue
+        base = baselines.get(key, loss)
+        terms.append((loss - base) * log_prob)
+        baselines[key] = decay * base + (1.0 - decay) * loss
+    return torch.stack(terms).mean() if terms else None
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a - a.mean(), b - b.mean()
     denom = (a.norm() * b.norm()).clamp_min(1e-12)
@@ -154,26 +179,35 @@ def train(config: TrainConfig) -> Path:
     log = (out / LOG_FILE).open("a")
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train")
     window: list[dict] = []
+    baselines: dict[tuple[str, float], float] = {}
     for step in bar:
         t0 = time.perf_counter()
         batch, keeps = _batch(model, step, config)
         t1 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _schedule(step, config)
-        output = model(batch, keeps, aux_weight=config.aux_weight)
+        output = model(batch, keeps, aux_weight=config.aux_weight, explore=config.explore)
+        loss, policy = output.loss, None
+        if config.policy_weight:
+            keys = [(b.sample.task, k) for b, k in zip(batch, keeps, strict=True)]
+            policy = policy_loss(output.log_probs, output.sample_losses, keys, baselines)
+            if policy is not None:
+                loss = loss + config.policy_weight * policy
         optimizer.zero_grad(set_to_none=True)
-        output.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         record = {
             "step": step + 1,
-            "loss": float(output.loss.detach()),
+            "loss": float(loss.detach()),
             "lm_loss": float(output.lm_loss),
             "temporal_loss": float(output.temporal_loss),
             "data_seconds": t1 - t0,
             "step_seconds": time.perf_counter() - t1,
             "video_tokens": sum(output.video_tokens),
         }
+        if policy is not None:
+            record["policy_loss"] = float(policy.detach())
         window.append(record)
         window = window[-50:]
         bar.set_postfix(

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read_config
+from stts_vllm.core import retention_mask, sample_retention
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.model import STTSVideoQAModel
-from stts_vllm.training.train import TrainConfig, _batch, train
+from stts_vllm.training.train import TrainConfig, _batch, policy_loss, train
 from stts_vllm.training.videoqa import TASKS, make_sample
 from tests.training.conftest import SMOKE, read_log
 
@@ -123,3 +124,44 @@ def test_an_unknown_or_empty_mix_is_refused() -> None:
         TrainConfig(init=Path("i"), out=Path("o"), tasks=("colour",))
     with pytest.raises(ValueError, match="tasks"):
         TrainConfig(init=Path("i"), out=Path("o"), tasks=())
+
+
+def test_the_policy_term_teaches_the_scorer_to_keep_what_the_answer_needs() -> None:
+    """REINFORCE on explored draws, alone: a loss that is low only when unit 5 of step 1 is
+    kept moves that unit from the bottom of the ranking into the top-k (the key bias could
+    never report this: a dropped unit leaves no trace in the loss)."""
+    torch.manual_seed(0)
+    raw = torch.full((3, 8), 1.0)
+    raw[1, 5] = -1.0  # the unit the answer needs starts last
+    logits = torch.nn.Parameter(raw)
+    optimizer = torch.optim.SGD([logits], lr=4.0)
+    baselines: dict = {}
+    assert not retention_mask(torch.sigmoid(logits).detach(), 12 / 24)[1, 5]
+    for _ in range(200):  # across seeds it ranks in the top-k after 15-41 steps
+        mask, log_prob = sample_retention(torch.sigmoid(logits), 12 / 24)
+        loss = torch.tensor([0.0 if mask[1, 5] else 1.0])
+        term = policy_loss([log_prob], loss, [("color", 0.5)], baselines)
+        optimizer.zero_grad()
+        term.backward()
+        optimizer.step()
+    assert retention_mask(torch.sigmoid(logits).detach(), 12 / 24)[1, 5]
+
+
+def test_explored_forward_keeps_the_counts_and_returns_differentiable_draws(
+    tmp_path: Path,
+) -> None:
+    model = STTSVideoQAModel.from_checkpoint(make_demo(tmp_path / "m", scorer="learned"))
+    batch = [model.prepare(make_sample(i, "train")) for i in range(3)]
+    out = model(batch, [0.5, 1.0, 0.3], explore=1.0)
+    assert out.video_tokens == [144, 288, 86]
+    assert out.log_probs[1] is None and out.sample_losses.shape == (3,)
+    term = policy_loss(out.log_probs, out.sample_losses + 1.0, [("a", 0.5)] * 3, {("a", 0.5): 0.0})
+    term.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scorer.parameters())
+    top_k = model(batch, [0.5, 1.0, 0.3])
+    assert top_k.log_probs == [None, None, None]
+
+
+def test_the_policy_term_needs_exploration() -> None:
+    with pytest.raises(ValueError, match="explore"):
+        TrainConfig(init=Path("i"), out=Path("o"), policy_weight=1.0)

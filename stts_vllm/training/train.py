@@ -8,8 +8,9 @@ goes to a tqdm bar and a JSON-lines log; `resume` continues from the last saved 
 
 `explore` > 0 adds what the paper does not have: the learned scorer's kept sets are drawn
 (`sample_retention`) and a REINFORCE term (`policy_weight`) rewards draws whose answer loss
-beat the running loss of their task at their keep ratio, so the scorer hears what dropping a
-unit cost; the key bias alone only reports what a kept unit's neighbours read from it.
+beat the same item's loss under the top-k selection (one more forward pass without
+gradients), so the scorer hears what dropping a unit cost; the key bias alone only reports
+what a kept unit's neighbours read from it.
 """
 
 from __future__ import annotations
@@ -127,22 +128,17 @@ def evaluate(
 
 
 def policy_loss(
-    log_probs: list[torch.Tensor | None],
-    losses: torch.Tensor,
-    keys: list[tuple[str, float]],
-    baselines: dict[tuple[str, float], float],
-    decay: float = 0.9,
+    log_probs: list[torch.Tensor | None], losses: torch.Tensor, baselines: torch.Tensor
 ) -> torch.Tensor | None:
-    """REINFORCE on the explored draws: minus (baseline - loss) x log p(draw), averaged over
-    the items that drew. The baseline is a running mean of the loss per (task, keep ratio),
-    updated here; an item whose key is new sets it and has no advantage. None: nothing drew."""
-    terms = []
-    for log_prob, loss, key in zip(log_probs, losses.tolist(), keys, strict=True):
-        if log_prob is None:
-            continue
-        base = baselines.get(key, loss)
-        terms.append((loss - base) * log_prob)
-        baselines[key] = decay * base + (1.0 - decay) * loss
+    """REINFORCE on the explored draws: (loss - baseline) x log p(draw), averaged over the
+    items that drew. The baseline is each item's own loss under the top-k selection (the
+    self-critical baseline), so what a question costs anyway cancels and only what the draw
+    changed is left. None: nothing drew."""
+    terms = [
+        (loss - base) * log_prob
+        for log_prob, loss, base in zip(log_probs, losses.tolist(), baselines.tolist(), strict=True)
+        if log_prob is not None
+    ]
     return torch.stack(terms).mean() if terms else None
 
 
@@ -179,7 +175,6 @@ def train(config: TrainConfig) -> Path:
     log = (out / LOG_FILE).open("a")
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train")
     window: list[dict] = []
-    baselines: dict[tuple[str, float], float] = {}
     for step in bar:
         t0 = time.perf_counter()
         batch, keeps = _batch(model, step, config)
@@ -189,8 +184,9 @@ def train(config: TrainConfig) -> Path:
         output = model(batch, keeps, aux_weight=config.aux_weight, explore=config.explore)
         loss, policy = output.loss, None
         if config.policy_weight:
-            keys = [(b.sample.task, k) for b, k in zip(batch, keeps, strict=True)]
-            policy = policy_loss(output.log_probs, output.sample_losses, keys, baselines)
+            with torch.no_grad():  # the same items, top-k selection: the baseline
+                top_k = model(batch, keeps, aux_weight=config.aux_weight).sample_losses
+            policy = policy_loss(output.log_probs, output.sample_losses, top_k)
             if policy is not None:
                 loss = loss + config.policy_weight * policy
         optimizer.zero_grad(set_to_none=True)

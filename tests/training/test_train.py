@@ -135,12 +135,14 @@ def test_the_policy_term_teaches_the_scorer_to_keep_what_the_answer_needs() -> N
     raw[1, 5] = -1.0  # the unit the answer needs starts last
     logits = torch.nn.Parameter(raw)
     optimizer = torch.optim.SGD([logits], lr=4.0)
-    baselines: dict = {}
     assert not retention_mask(torch.sigmoid(logits).detach(), 12 / 24)[1, 5]
     for _ in range(200):  # across seeds it ranks in the top-k after 15-41 steps
-        mask, log_prob = sample_retention(torch.sigmoid(logits), 12 / 24)
-        loss = torch.tensor([0.0 if mask[1, 5] else 1.0])
-        term = policy_loss([log_prob], loss, [("color", 0.5)], baselines)
+        scores = torch.sigmoid(logits)
+        mask, log_prob = sample_retention(scores, 12 / 24)
+        top_k = retention_mask(scores.detach(), 12 / 24)
+        loss, baseline = (torch.tensor([0.0 if m[1, 5] else 1.0]) for m in (mask, top_k))
+        term = policy_loss([log_prob], loss, baseline)
+        assert term is not None
         optimizer.zero_grad()
         term.backward()
         optimizer.step()
@@ -155,7 +157,7 @@ def test_explored_forward_keeps_the_counts_and_returns_differentiable_draws(
     out = model(batch, [0.5, 1.0, 0.3], explore=1.0)
     assert out.video_tokens == [144, 288, 86]
     assert out.log_probs[1] is None and out.sample_losses.shape == (3,)
-    term = policy_loss(out.log_probs, out.sample_losses + 1.0, [("a", 0.5)] * 3, {("a", 0.5): 0.0})
+    term = policy_loss(out.log_probs, out.sample_losses + 1.0, out.sample_losses)
     term.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scorer.parameters())
     top_k = model(batch, [0.5, 1.0, 0.3])

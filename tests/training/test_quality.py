@@ -109,6 +109,10 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
             "0",
             "--tasks",
             "[count,count,color]",
+            "--explore",
+            "0.5",
+            "--policy-weight",
+            "1.5",
         ]
     )
     args = seen["args"]
@@ -121,6 +125,8 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
         "aux_weight": 0.0,
         "warmup": 30,
         "keep_ratios": [0.5, 0.3],
+        "explore": 0.5,
+        "policy_weight": 1.5,
         "tasks": ["count", "count", "color"],
     }
 

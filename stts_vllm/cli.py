@@ -143,6 +143,11 @@ class TrainingKnobs(BaseModel):
         ge=0,
         description="weight of the REINFORCE term on the explored draws (needs --explore)",
     )
+    answer_loss_on: Literal["draws", "top_k"] = Field(
+        TrainConfig.answer_loss_on,
+        description="with --policy-weight: the kept sets whose answer loss trains the model, "
+        "the drawn ones or the top-k (the draws then only reward the scorer)",
+    )
     tasks: list[Literal[*TASKS]] = Field(  # type: ignore[valid-type]
         list(TrainConfig.tasks),
         min_length=1,

@@ -31,6 +31,9 @@ class TrainConfig:
     # at this temperature; `policy_weight` scales the REINFORCE term on those draws.
     explore: float = 0.0
     policy_weight: float = 0.0
+    # With a policy term: which kept sets carry the answer loss's gradient, the drawn ones
+    # (`draws`) or the top-k (`top_k`, the draws then only reward the scorer).
+    answer_loss_on: Literal["draws", "top_k"] = "draws"
     eval_every: int = 250
     eval_samples: int = 100
     save_every: int = 250
@@ -46,5 +49,9 @@ class TrainConfig:
         unknown = sorted(set(self.tasks) - set(TASKS))
         if self.policy_weight and self.explore <= 0:
             raise ValueError("policy_weight needs explore > 0: a top-k draw has no probability")
+        if self.answer_loss_on not in ("draws", "top_k"):
+            raise ValueError(f"answer_loss_on must be draws or top_k, got {self.answer_loss_on}")
+        if self.answer_loss_on == "top_k" and not self.policy_weight:
+            raise ValueError("answer_loss_on=top_k needs policy_weight: the draws train nothing")
         if not self.tasks or unknown:
             raise ValueError(f"tasks must be a non-empty list from {list(TASKS)}, got {unknown}")

@@ -10,7 +10,8 @@ goes to a tqdm bar and a JSON-lines log; `resume` continues from the last saved 
 (`sample_retention`) and a REINFORCE term (`policy_weight`) rewards draws whose answer loss
 beat the same item's loss under the top-k selection (one more forward pass without
 gradients), so the scorer hears what dropping a unit cost; the key bias alone only reports
-what a kept unit's neighbours read from it.
+what a kept unit's neighbours read from it. `answer_loss_on` = `top_k` keeps the drawn sets
+out of the answer loss: the model learns from the sets it serves with.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from stts_vllm.training.config import TrainConfig
-from stts_vllm.training.model import Prepared, STTSVideoQAModel
+from stts_vllm.training.model import Outputs, Prepared, STTSVideoQAModel
 from stts_vllm.training.videoqa import make_sample
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,46 @@ def policy_loss(
     return torch.stack(terms).mean() if terms else None
 
 
+def _step_loss(
+    model: STTSVideoQAModel, batch: list[Prepared], keeps: list[float], config: TrainConfig
+) -> tuple[Outputs, torch.Tensor, torch.Tensor | None]:
+    """One step's loss: the outputs whose answer loss trains the model, the total loss, and
+    the policy term when there is one.
+
+    With a policy term, the pruned items (keep < 1.0) run twice: once with drawn kept sets
+    and once with the top-k, whose per-item loss is the draw's baseline. `answer_loss_on`
+    says which of the two carries the answer loss's gradient: `draws` (the whole batch is
+    explored) or `top_k` (the model learns from the sets it will serve with, and the draws
+    reach the scorer only through the policy term). Items at keep 1.0 draw nothing and run
+    once; per-item losses do not depend on which items share a packed row.
+    """
+    if not config.policy_weight:
+        output = model(batch, keeps, aux_weight=config.aux_weight, explore=config.explore)
+        return output, output.loss, None
+    pruned = [i for i, keep in enumerate(keeps) if keep < 1.0]
+    subset = [batch[i] for i in pruned], [keeps[i] for i in pruned]
+    if config.answer_loss_on == "draws":
+        output = model(batch, keeps, aux_weight=config.aux_weight, explore=config.explore)
+        if not pruned:
+            return output, output.loss, None
+        with torch.no_grad():
+            baselines = model(*subset, aux_weight=config.aux_weight).sample_losses
+        drawn = [output.log_probs[i] for i in pruned]
+        losses = output.sample_losses[pruned]
+    else:
+        output = model(batch, keeps, aux_weight=config.aux_weight)
+        if not pruned:
+            return output, output.loss, None
+        # Gradients only through the draws' log-probabilities: their answer loss is a reward.
+        explored = model(*subset, aux_weight=config.aux_weight, explore=config.explore)
+        drawn, losses = explored.log_probs, explored.sample_losses
+        baselines = output.sample_losses[pruned]
+    policy = policy_loss(drawn, losses, baselines)
+    if policy is None:
+        return output, output.loss, None
+    return output, output.loss + config.policy_weight * policy, policy
+
+
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a - a.mean(), b - b.mean()
     denom = (a.norm() * b.norm()).clamp_min(1e-12)
@@ -181,14 +222,7 @@ def train(config: TrainConfig) -> Path:
         t1 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _schedule(step, config)
-        output = model(batch, keeps, aux_weight=config.aux_weight, explore=config.explore)
-        loss, policy = output.loss, None
-        if config.policy_weight:
-            with torch.no_grad():  # the same items, top-k selection: the baseline
-                top_k = model(batch, keeps, aux_weight=config.aux_weight).sample_losses
-            policy = policy_loss(output.log_probs, output.sample_losses, top_k)
-            if policy is not None:
-                loss = loss + config.policy_weight * policy
+        output, loss, policy = _step_loss(model, batch, keeps, config)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)

@@ -113,6 +113,8 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
             "0.5",
             "--policy-weight",
             "1.5",
+            "--answer-loss-on",
+            "top_k",
         ]
     )
     args = seen["args"]
@@ -127,6 +129,7 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
         "keep_ratios": [0.5, 0.3],
         "explore": 0.5,
         "policy_weight": 1.5,
+        "answer_loss_on": "top_k",
         "tasks": ["count", "count", "color"],
     }
 

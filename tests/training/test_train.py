@@ -13,7 +13,7 @@ from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read
 from stts_vllm.core import retention_mask, sample_retention
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.model import STTSVideoQAModel
-from stts_vllm.training.train import TrainConfig, _batch, policy_loss, train
+from stts_vllm.training.train import TrainConfig, _batch, _step_loss, policy_loss, train
 from stts_vllm.training.videoqa import TASKS, make_sample
 from tests.training.conftest import SMOKE, read_log
 
@@ -167,3 +167,62 @@ def test_explored_forward_keeps_the_counts_and_returns_differentiable_draws(
 def test_the_policy_term_needs_exploration() -> None:
     with pytest.raises(ValueError, match="explore"):
         TrainConfig(init=Path("i"), out=Path("o"), policy_weight=1.0)
+    with pytest.raises(ValueError, match="policy_weight"):
+        TrainConfig(init=Path("i"), out=Path("o"), explore=1.0, answer_loss_on="top_k")
+
+
+def _policy_config(answer_loss_on: str) -> TrainConfig:
+    return TrainConfig(
+        init=Path("i"), out=Path("o"), explore=1.0, policy_weight=2.0, answer_loss_on=answer_loss_on
+    )
+
+
+def test_the_baseline_runs_only_the_items_that_drew(tmp_path: Path) -> None:
+    """Keep-1.0 items draw nothing, so the top-k baseline pass skips them; an item's loss
+    does not depend on which items share its packed row, so the skipped pass changes
+    nothing."""
+    model = STTSVideoQAModel.from_checkpoint(make_demo(tmp_path / "m", scorer="learned"))
+    batch = [model.prepare(make_sample(i, "train")) for i in range(3)]
+    keeps = [1.0, 0.5, 0.3]
+    calls: list[tuple[int, float]] = []
+    forward = model.forward
+
+    def spy(items, ratios, aux_weight=0.5, explore=0.0):
+        calls.append((len(items), explore))
+        return forward(items, ratios, aux_weight=aux_weight, explore=explore)
+
+    model.forward = spy  # type: ignore[method-assign]
+    output, loss, policy = _step_loss(model, batch, keeps, _policy_config("draws"))
+    assert calls == [(3, 1.0), (2, 0.0)]
+    assert policy is not None and torch.allclose(loss, output.loss + 2.0 * policy)
+    with torch.no_grad():
+        alone = forward(batch[1:], keeps[1:]).sample_losses
+        together = forward(batch, keeps).sample_losses[1:]
+    assert torch.allclose(alone, together, atol=1e-5)
+    calls.clear()
+    _step_loss(model, batch, [1.0, 1.0, 1.0], _policy_config("draws"))
+    assert calls == [(3, 1.0)]
+
+
+def test_with_answer_loss_on_top_k_the_draws_train_only_the_scorer(tmp_path: Path) -> None:
+    """The LLM's gradient is exactly the top-k answer loss's; the scorer also hears the
+    policy term."""
+    model = STTSVideoQAModel.from_checkpoint(make_demo(tmp_path / "m", scorer="learned"))
+    batch = [model.prepare(make_sample(i, "train")) for i in range(3)]
+    keeps = [1.0, 0.5, 0.3]
+
+    def grads() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        llm = [p.grad.clone() for p in model.hf.model.language_model.parameters()]
+        scorer = [p.grad.clone() for p in model.scorer.parameters()]
+        model.zero_grad(set_to_none=True)
+        return llm, scorer
+
+    torch.manual_seed(0)
+    _, loss, policy = _step_loss(model, batch, keeps, _policy_config("top_k"))
+    assert policy is not None and policy.requires_grad
+    loss.backward()
+    llm, scorer = grads()
+    model(batch, keeps).loss.backward()
+    llm_top_k, scorer_top_k = grads()
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(llm, llm_top_k, strict=True))
+    assert not all(torch.allclose(a, b) for a, b in zip(scorer, scorer_top_k, strict=True))

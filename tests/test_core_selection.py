@@ -37,10 +37,21 @@ def test_mask_keeps_first_step_and_global_top_k() -> None:
     assert int(mask.sum()) == retained_count(3, 3, 5 / 9)
 
 
-def test_mask_breaks_ties_by_position() -> None:
+def test_mask_spreads_ties_over_time() -> None:
     scores = torch.full((3, 4), 0.5)
-    mask = retention_mask(scores, 0.5)  # 6 of 12: first step + the first 2 of step 1
-    assert mask.tolist() == [[True] * 4, [True, True, False, False], [False] * 4]
+    mask = retention_mask(scores, 0.5)  # 6 of 12: first step + 1 of each later step
+    assert mask.tolist() == [[True] * 4, [True, False, False, False], [True, False, False, False]]
+    # A saturated scorer: five units of each later step score exactly 1.0; keep 1 + 6 of 4 x 8.
+    # Position order would take five from step 1 and one from step 2, and none from step 3.
+    scores = torch.zeros(4, 8)
+    scores[1:, 2:7] = 1.0
+    scores[3, 0] = 0.9
+    kept = retention_mask(scores, 14 / 32)[1:]
+    assert kept.sum(dim=1).tolist() == [2, 2, 2]
+    assert bool(kept[:, 2].all() and kept[:, 3].all()) and not kept[2, 0]
+    # Distinct scores still decide: ties only order units of equal score.
+    scores[3, 0] = 2.0
+    assert retention_mask(scores, 14 / 32)[3, 0]
 
 
 def test_mask_count_matches_count_function_for_many_shapes() -> None:

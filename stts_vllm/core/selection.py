@@ -36,30 +36,41 @@ def step_quotas(num_steps: int, units_per_step: int, keep_ratio: float) -> list[
     return [units_per_step] + [share + (1 if i < extra else 0) for i in range(num_steps - 1)]
 
 
+def _ranks_within_steps(scores: torch.Tensor) -> torch.Tensor:
+    """`[T, U]` scores -> each unit's rank within its own step (0 = best; ties by position)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return ranks.scatter_(1, order, positions)
+
+
 def retention_mask(
     scores: torch.Tensor, keep_ratio: float, selection: str = "global"
 ) -> torch.Tensor:
     """`[T, U]` scores -> `[T, U]` bool mask with `retained_count` units: the first step whole,
-    then a top-k over the other steps (`global`) or within each of them (`per_step`); ties
-    are broken by position (earlier first)."""
+    then a top-k over the other steps (`global`) or within each of them (`per_step`).
+
+    Equal scores are spread over time: among them a unit ranked higher within its own step
+    goes first, then the earlier step. Exact ties are common, from identical content (flat
+    or static regions) and from a saturated sigmoid (a scorer sure of many units scores them
+    all exactly 1.0); taking them in position order would fill the first steps and leave
+    the rest of the clip empty, which no draw or random choice during training ever did.
+    """
     num_steps, units_per_step = scores.shape
     mask = torch.zeros(num_steps, units_per_step, dtype=torch.bool, device=scores.device)
     mask[0] = True
     if selection == "global":
         extra = retained_count(num_steps, units_per_step, keep_ratio) - units_per_step
         if extra > 0:
-            order = torch.argsort(scores[1:].reshape(-1), descending=True, stable=True)
-            mask[1:].view(-1)[order[:extra]] = True
+            rest = scores[1:]
+            by_rank = torch.argsort(_ranks_within_steps(rest).reshape(-1), stable=True)
+            by_score = torch.argsort(rest.reshape(-1)[by_rank], descending=True, stable=True)
+            mask[1:].view(-1)[by_rank[by_score[:extra]]] = True
     elif selection == "per_step":
         quotas = step_quotas(num_steps, units_per_step, keep_ratio)[1:]
         if quotas:
-            order = torch.argsort(scores[1:], dim=-1, descending=True, stable=True)
-            ranks = torch.empty_like(order)
-            ranks.scatter_(
-                1, order, torch.arange(units_per_step, device=scores.device).expand_as(order)
-            )
             quota = torch.tensor(quotas, device=scores.device).unsqueeze(-1)
-            mask[1:] = ranks < quota
+            mask[1:] = _ranks_within_steps(scores[1:]) < quota
     else:
         raise ValueError(f"unknown selection {selection!r}; expected 'global' or 'per_step'")
     return mask

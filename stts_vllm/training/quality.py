@@ -115,39 +115,68 @@ def targets(rows: dict[str, Row]) -> list[dict[str, Any]]:
     return out
 
 
+def _distractor_masks(checkpoint: Path, count: int, keep: float, scorer: str):
+    """Per distractor clip: the sample and each STTS scorer's keep mask over the `[T, U]`
+    unit grid (None when the checkpoint's unit grid is another one)."""
+    import torch
+
+    from stts_vllm.core import retention_mask
+    from stts_vllm.training.model import STTSVideoQAModel
+    from stts_vllm.training.videoqa import make_sample
+
+    model = STTSVideoQAModel.from_checkpoint(checkpoint, scorer=scorer).eval()
+    for i in range(count):
+        sample = make_sample(i, "distractor")
+        steps = len(sample.frames) // 2
+        with torch.no_grad():
+            scores = model([model.prepare(sample)], [keep]).scores[0]
+        if scores is None or scores.numel() % steps:
+            yield sample, None
+            continue
+        yield sample, retention_mask(scores.reshape(steps, -1), keep, model.stts.selection)
+
+
 def answer_unit_kept(checkpoint: Path, count: int, keep: float = 0.5) -> dict[str, float | None]:
     """How often each STTS scorer keeps the unit that holds the answer on the distractor
     split (the flash's unit at its step, from the generator's metadata), and the rate a
     random choice would have. Accuracy alone can hide this: the blocks before the pruning
     point attend across units, so a dropped unit's colour can still reach the answer through
     kept neighbours."""
-    import torch
-
-    from stts_vllm.core import retained_count, retention_mask
-    from stts_vllm.training.model import STTSVideoQAModel
+    from stts_vllm.core import retained_count
     from stts_vllm.training.videoqa import SIZE, UNIT, make_sample
 
-    samples = [make_sample(i, "distractor") for i in range(count)]
     grid = SIZE // UNIT
-    steps, units = len(samples[0].frames) // 2, grid * grid
+    steps, units = len(make_sample(0, "distractor").frames) // 2, grid * grid
     out: dict[str, float | None] = {
         # the first step is kept whole; the rest share what is left
         "random (expected)": (retained_count(steps, units, keep) - units) / ((steps - 1) * units)
     }
     for scorer in ("heuristic", "learned"):
-        model = STTSVideoQAModel.from_checkpoint(checkpoint, scorer=scorer).eval()
         kept = 0
-        for sample in samples:
-            with torch.no_grad():
-                scores = model([model.prepare(sample)], [keep]).scores[0]
-            if scores is None or scores.numel() != steps * units:  # another unit grid
+        for sample, mask in _distractor_masks(checkpoint, count, keep, scorer):
+            if mask is None or mask.shape[1] != units:  # another unit grid
                 out[scorer] = None
                 break
-            mask = retention_mask(scores.reshape(steps, units), keep, model.stts.selection)
             row, col = sample.meta["unit"]
             kept += int(mask[sample.meta["step"], row * grid + col])
         else:
             out[scorer] = kept / count
+    return out
+
+
+def empty_steps(checkpoint: Path, count: int, keep: float) -> dict[str, float]:
+    """Mean number of prunable steps each STTS scorer leaves without a single kept unit, per
+    distractor clip. A global top-k may empty steps by design, but a scorer that does it
+    far more than the heuristic has collapsed onto a few steps (see the README's findings:
+    a saturated scorer with ties in position order kept only the first steps)."""
+    out = {}
+    for scorer in ("heuristic", "learned"):
+        empty = [
+            int((mask[1:].sum(dim=1) == 0).sum())
+            for _, mask in _distractor_masks(checkpoint, count, keep, scorer)
+            if mask is not None
+        ]
+        out[scorer] = sum(empty) / max(len(empty), 1)
     return out
 
 

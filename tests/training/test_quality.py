@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from stts_vllm.training.quality import aggregate, targets
+from stts_vllm.checkpoint import SCORER_FILE, make_demo, scorer_state_dict_to_file
+from stts_vllm.training.quality import aggregate, empty_steps, targets
 
 
 def _report(acc: dict[str, float], samples: int = 100) -> dict:
@@ -227,3 +228,18 @@ def test_a_demo_without_llm_layers_is_refused_before_anything_is_built(
     with pytest.raises((ValidationError, SystemExit), match="greater than or equal to 1"):
         cli.main([command, str(tmp_path / "run"), "--text-layers", "0"])
     assert not (tmp_path / "run").exists()
+
+
+def test_a_saturated_scorer_keeps_units_in_every_step(tmp_path: Path) -> None:
+    """Every learned score exactly 1.0 (a saturated sigmoid): at keep 0.2 the 22 units left
+    after the first step spread over all seven later steps. Taken in position order they
+    filled step 1 and left six steps empty, which is what the exploration runs' scorer did."""
+    from safetensors.torch import load_file
+
+    checkpoint = make_demo(tmp_path / "m", scorer="learned")
+    weights = load_file(str(checkpoint / SCORER_FILE))
+    last = max(k.rsplit(".", 2)[-2] for k in weights if ".mlp." in k)
+    weights[f"stts_scorer.mlp.{last}.weight"].zero_()
+    weights[f"stts_scorer.mlp.{last}.bias"].fill_(50.0)
+    scorer_state_dict_to_file(weights, checkpoint / SCORER_FILE)
+    assert empty_steps(checkpoint, 2, 0.2)["learned"] == 0

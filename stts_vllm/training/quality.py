@@ -71,13 +71,22 @@ def aggregate(reports: Sequence[dict]) -> dict[str, Row]:
 def targets(rows: dict[str, Row]) -> list[dict[str, Any]]:
     """The issue's targets, on seed means; a row that was not run gives `met: None`. Each
     also gives the gap per seed (`per_seed`), because seeds differ far more than the pooled
-    intervals of one row suggest: a gap is convincing when every seed shows it."""
+    intervals of one row suggest: a gap is convincing when every seed shows it.
+
+    A gap of the learned scorer over another pruned method also gets its `headroom`: keep 1.0
+    on the same split minus that method. A scorer that answered as if nothing were pruned
+    would show exactly the headroom, so a goal above it tells that the split, not the scorer,
+    stands in the way (pruning rarely answers better than the whole clip)."""
 
     out: list[dict[str, Any]] = []
 
     def add(name: str, a: str, b: str, goal: float) -> None:
         x, y = rows.get(a), rows.get(b)
         value = None if x is None or y is None else x.mean - y.mean
+        headroom = None
+        full = rows.get(f"{b.split('/')[0]}/none/16f")
+        if y is not None and full is not None and y.method != "none" and "/learned@" in a:
+            headroom = full.mean - y.mean
         per_seed = None
         if x is not None and y is not None:
             # scorer mode: the base rows hold one value, shared by every seed's learned row
@@ -86,7 +95,15 @@ def targets(rows: dict[str, Row]) -> list[dict[str, Any]]:
                 per_seed = [p - q for p, q in zip(x.accuracies, ys, strict=True)]
         met = None if value is None else value >= goal - 1e-12
         out.append(
-            {"target": name, "measured": value, "per_seed": per_seed, "goal": goal, "met": met}
+            {
+                "target": name,
+                "measured": value,
+                "per_seed": per_seed,
+                "goal": goal,
+                "met": met,
+                "headroom": headroom,
+                "reachable": None if headroom is None else headroom >= goal - 1e-12,
+            }
         )
 
     learned = "distractor/learned@0.5/16f"
@@ -328,6 +345,11 @@ def run_quality(args: Any) -> dict[str, Any]:
         value = "-" if t["measured"] is None else f"{100 * t['measured']:+.1f} points"
         if t["per_seed"] is not None and len(t["per_seed"]) > 1:
             value += " (per seed " + " / ".join(f"{100 * d:+.1f}" for d in t["per_seed"]) + ")"
+        if t["reachable"] is False:
+            status += (
+                f" (headroom {100 * t['headroom']:+.1f} points: keep 1.0 minus the other method,"
+                " so not reachable on this split)"
+            )
         print(f"target {t['target']}: goal {100 * t['goal']:+.0f}, measured {value} -> {status}")
     for seed, kept in zip(args.seeds, answer_units, strict=True):
         rates = ", ".join(

@@ -69,6 +69,32 @@ def test_rows_are_pooled_over_seeds_and_targets_read_the_means() -> None:
     assert checks["long: heuristic@0.5 32f - keep 1.0 16f (equal tokens)"]["met"] is None
 
 
+def test_a_goal_above_what_keep_1_0_leaves_is_reported_as_not_reachable() -> None:
+    """Heuristic at 0.90 where keep 1.0 answers 0.92: even a lossless scorer gains 2 points."""
+    rows = aggregate(
+        [
+            _report(
+                ROWS
+                | {
+                    "distractor/none/16f": 0.92,
+                    "distractor/heuristic@0.5/16f": 0.90,
+                    "test/random@0.3/16f": 0.70,
+                }
+            )
+        ]
+    )
+    checks = {t["target"]: t for t in targets(rows)}
+    tight = checks["distractor: learned - heuristic @0.5"]
+    assert tight["headroom"] == pytest.approx(0.02) and tight["reachable"] is False
+    assert tight["met"] is False  # 0.90 - 0.90
+    roomy = checks["test: learned - random @0.3"]  # keep 1.0 0.80 - random 0.70
+    assert roomy["headroom"] == pytest.approx(0.10) and roomy["reachable"] is True
+    # gaps to keep 1.0 itself, and rows without a keep-1.0 row on their split, have none
+    assert checks["test: learned@0.5 - keep 1.0 (>= -1 point)"]["headroom"] is None
+    plain = {t["target"]: t for t in targets(aggregate([_report(ROWS)]))}
+    assert plain["distractor: learned - random @0.5"]["reachable"] is None
+
+
 def test_in_scorer_mode_each_seeds_gap_is_to_the_shared_base_rows() -> None:
     """Scorer mode evaluates the base rows once and the learned rows per seed."""
     base = _report({k: v for k, v in ROWS.items() if "learned" not in k})

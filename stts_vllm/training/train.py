@@ -8,10 +8,10 @@ goes to a tqdm bar and a JSON-lines log; `resume` continues from the last saved 
 
 `explore` > 0 adds what the paper does not have: the learned scorer's kept sets are drawn
 (`sample_retention`) and a REINFORCE term (`policy_weight`) rewards draws whose answer loss
-beat the same item's loss under the top-k selection (one more forward pass without
-gradients), so the scorer hears what dropping a unit cost; the key bias alone only reports
-what a kept unit's neighbours read from it. `answer_loss_on` = `top_k` keeps the drawn sets
-out of the answer loss: the model learns from the sets it serves with.
+beat the same item's loss under the top-k selection (one more forward pass), so the scorer
+hears what dropping a unit cost; the key bias alone only reports what a kept unit's
+neighbours read from it. `answer_loss_on` = `top_k` keeps the drawn sets out of the answer
+loss: the model learns from the sets it serves with.
 """
 
 from __future__ import annotations
@@ -143,44 +143,54 @@ def policy_loss(
     return torch.stack(terms).mean() if terms else None
 
 
-def _step_loss(
+def _step_backward(
     model: STTSVideoQAModel, batch: list[Prepared], keeps: list[float], config: TrainConfig
-) -> tuple[Outputs, torch.Tensor, torch.Tensor | None]:
-    """One step's loss: the outputs whose answer loss trains the model, the total loss, and
-    the policy term when there is one.
+) -> tuple[Outputs, float, float | None]:
+    """One step's gradients, accumulated into the parameters' `.grad`: returns the outputs
+    whose answer loss trains the model, the total loss, and the policy term when there is one.
 
     With a policy term, the pruned items (keep < 1.0) run twice: once with drawn kept sets
     and once with the top-k, whose per-item loss is the draw's baseline. `answer_loss_on`
     says which of the two carries the answer loss's gradient: `draws` (the whole batch is
-    explored) or `top_k` (the model learns from the sets it will serve with, and the draws
-    reach the scorer only through the policy term). Items at keep 1.0 draw nothing and run
-    once; per-item losses do not depend on which items share a packed row.
+    explored; the top-k pass needs no gradient) or `top_k` (the model learns from the sets it
+    will serve with, and the draws reach the scorer only through the policy term). With
+    `top_k` both passes need gradients, so the top-k loss is backpropagated before the draws
+    run: the two graphs are never held at once, and peak memory stays that of one pass.
+    Items at keep 1.0 draw nothing and run once; per-item losses do not depend on which
+    items share a packed row.
     """
     if not config.policy_weight:
         output = model(batch, keeps, aux_weight=config.aux_weight, explore=config.explore)
-        return output, output.loss, None
+        output.loss.backward()
+        return output, float(output.loss.detach()), None
     pruned = [i for i, keep in enumerate(keeps) if keep < 1.0]
     subset = [batch[i] for i in pruned], [keeps[i] for i in pruned]
+    policy = None
     if config.answer_loss_on == "draws":
         output = model(batch, keeps, aux_weight=config.aux_weight, explore=config.explore)
-        if not pruned:
-            return output, output.loss, None
-        with torch.no_grad():
-            baselines = model(*subset, aux_weight=config.aux_weight).sample_losses
-        drawn = [output.log_probs[i] for i in pruned]
-        losses = output.sample_losses[pruned]
+        loss = output.loss
+        if pruned:
+            with torch.no_grad():
+                baselines = model(*subset, aux_weight=config.aux_weight).sample_losses
+            drawn = [output.log_probs[i] for i in pruned]
+            policy = policy_loss(drawn, output.sample_losses[pruned], baselines)
+            if policy is not None:
+                loss = loss + config.policy_weight * policy
+        loss.backward()
     else:
         output = model(batch, keeps, aux_weight=config.aux_weight)
-        if not pruned:
-            return output, output.loss, None
-        # Gradients only through the draws' log-probabilities: their answer loss is a reward.
-        explored = model(*subset, aux_weight=config.aux_weight, explore=config.explore)
-        drawn, losses = explored.log_probs, explored.sample_losses
-        baselines = output.sample_losses[pruned]
-    policy = policy_loss(drawn, losses, baselines)
-    if policy is None:
-        return output, output.loss, None
-    return output, output.loss + config.policy_weight * policy, policy
+        output.loss.backward()
+        loss = output.loss.detach()
+        if pruned:
+            # Gradients only through the draws' log-probabilities: their answer loss is a reward.
+            explored = model(*subset, aux_weight=config.aux_weight, explore=config.explore)
+            baselines = output.sample_losses[pruned]
+            policy = policy_loss(explored.log_probs, explored.sample_losses, baselines)
+            del explored
+            if policy is not None:
+                (config.policy_weight * policy).backward()
+                loss = loss + config.policy_weight * policy.detach()
+    return output, float(loss.detach()), None if policy is None else float(policy.detach())
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -222,14 +232,13 @@ def train(config: TrainConfig) -> Path:
         t1 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * _schedule(step, config)
-        output, loss, policy = _step_loss(model, batch, keeps, config)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        output, loss, policy = _step_backward(model, batch, keeps, config)
         torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], 1.0)
         optimizer.step()
         record = {
             "step": step + 1,
-            "loss": float(loss.detach()),
+            "loss": loss,
             "lm_loss": float(output.lm_loss),
             "temporal_loss": float(output.temporal_loss),
             "data_seconds": t1 - t0,
@@ -237,7 +246,7 @@ def train(config: TrainConfig) -> Path:
             "video_tokens": sum(output.video_tokens),
         }
         if policy is not None:
-            record["policy_loss"] = float(policy.detach())
+            record["policy_loss"] = policy
         window.append(record)
         window = window[-50:]
         bar.set_postfix(

@@ -13,7 +13,7 @@ from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read
 from stts_vllm.core import retention_mask, sample_retention
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.model import STTSVideoQAModel
-from stts_vllm.training.train import TrainConfig, _batch, _step_loss, policy_loss, train
+from stts_vllm.training.train import TrainConfig, _batch, _step_backward, policy_loss, train
 from stts_vllm.training.videoqa import TASKS, make_sample
 from tests.training.conftest import SMOKE, read_log
 
@@ -192,21 +192,22 @@ def test_the_baseline_runs_only_the_items_that_drew(tmp_path: Path) -> None:
         return forward(items, ratios, aux_weight=aux_weight, explore=explore)
 
     model.forward = spy  # type: ignore[method-assign]
-    output, loss, policy = _step_loss(model, batch, keeps, _policy_config("draws"))
+    output, loss, policy = _step_backward(model, batch, keeps, _policy_config("draws"))
     assert calls == [(3, 1.0), (2, 0.0)]
-    assert policy is not None and torch.allclose(loss, output.loss + 2.0 * policy)
+    assert policy is not None and loss == pytest.approx(float(output.loss) + 2.0 * policy)
     with torch.no_grad():
         alone = forward(batch[1:], keeps[1:]).sample_losses
         together = forward(batch, keeps).sample_losses[1:]
     assert torch.allclose(alone, together, atol=1e-5)
     calls.clear()
-    _step_loss(model, batch, [1.0, 1.0, 1.0], _policy_config("draws"))
+    _step_backward(model, batch, [1.0, 1.0, 1.0], _policy_config("draws"))
     assert calls == [(3, 1.0)]
 
 
 def test_with_answer_loss_on_top_k_the_draws_train_only_the_scorer(tmp_path: Path) -> None:
     """The LLM's gradient is exactly the top-k answer loss's; the scorer also hears the
-    policy term."""
+    policy term. The top-k pass is backpropagated before the draws run (one graph at a
+    time), and the two gradients add up in `.grad`."""
     model = STTSVideoQAModel.from_checkpoint(make_demo(tmp_path / "m", scorer="learned"))
     batch = [model.prepare(make_sample(i, "train")) for i in range(3)]
     keeps = [1.0, 0.5, 0.3]
@@ -217,10 +218,20 @@ def test_with_answer_loss_on_top_k_the_draws_train_only_the_scorer(tmp_path: Pat
         model.zero_grad(set_to_none=True)
         return llm, scorer
 
+    forward, grad_ready = model.forward, []
+
+    def spy(items, ratios, aux_weight=0.5, explore=0.0):
+        llm = next(model.hf.model.language_model.parameters())
+        grad_ready.append((len(items), explore, llm.grad is not None))
+        return forward(items, ratios, aux_weight=aux_weight, explore=explore)
+
+    model.forward = spy  # type: ignore[method-assign]
     torch.manual_seed(0)
-    _, loss, policy = _step_loss(model, batch, keeps, _policy_config("top_k"))
-    assert policy is not None and policy.requires_grad
-    loss.backward()
+    output, loss, policy = _step_backward(model, batch, keeps, _policy_config("top_k"))
+    model.forward = forward  # type: ignore[method-assign]
+    # the draws run after the top-k pass was backpropagated (its graph already freed)
+    assert grad_ready == [(3, 0.0, False), (2, 1.0, True)]
+    assert policy is not None and loss == pytest.approx(float(output.loss) + 2.0 * policy)
     llm, scorer = grads()
     model(batch, keeps).loss.backward()
     llm_top_k, scorer_top_k = grads()

@@ -5,6 +5,7 @@ import torch
 
 from stts_vllm.core import retained_count, retention_mask, sample_retention, step_quotas
 from stts_vllm.core.config import STTSConfigError
+from stts_vllm.core.selection import _draw_log_prob
 
 
 @pytest.mark.parametrize(
@@ -151,6 +152,21 @@ def test_an_explored_ordered_draw_has_the_plackett_luce_probability() -> None:
             second = logits[b] - torch.logsumexp(logits[rest], 0)
             values.append(float((first + second) / 2))
         assert any(abs(float(log_prob) - v) < 1e-5 for v in values), (kept, log_prob, values)
+
+
+def test_an_exact_tie_at_the_cut_takes_the_log_probability_of_the_kept_unit() -> None:
+    """Noisy values 5, 5, 0: the mask's tie rule kept unit 1; a plain sort would price unit 0
+    (the earlier position) and push the scorer toward a unit that was never kept."""
+    logits = torch.tensor([[0.0, 1.0, 2.0]])
+    kept = torch.tensor([[False, True, False]])
+    log_prob = _draw_log_prob(logits, torch.tensor([[5.0, 5.0, 0.0]]), kept, torch.tensor([1]))
+    assert float(log_prob) == pytest.approx(float(1.0 - torch.logsumexp(logits[0], 0)))
+
+
+def test_per_step_quotas_built_on_the_device_match_step_quotas() -> None:
+    for steps, units, keep in [(2, 9, 0.3), (7, 36, 0.2), (5, 4, 0.77), (1, 4, 0.5)]:
+        mask = retention_mask(torch.rand(steps, units), keep, "per_step")
+        assert mask.sum(dim=1).tolist() == step_quotas(steps, units, keep)
 
 
 def test_exploration_needs_a_positive_temperature() -> None:

@@ -67,9 +67,12 @@ def retention_mask(
             by_score = torch.argsort(rest.reshape(-1)[by_rank], descending=True, stable=True)
             mask[1:].view(-1)[by_rank[by_score[:extra]]] = True
     elif selection == "per_step":
-        quotas = step_quotas(num_steps, units_per_step, keep_ratio)[1:]
-        if quotas:
-            quota = torch.tensor(quotas, device=scores.device).unsqueeze(-1)
+        if num_steps > 1:
+            # step_quotas' rule built on the device: no host-to-device copy when serving
+            quotas = step_quotas(num_steps, units_per_step, keep_ratio)[1:]
+            share, extra = quotas[-1], sum(quotas) - quotas[-1] * len(quotas)
+            steps = torch.arange(num_steps - 1, device=scores.device)
+            quota = (share + (steps < extra).to(torch.long)).unsqueeze(-1)
             mask[1:] = _ranks_within_steps(scores[1:]) < quota
     else:
         raise ValueError(f"unknown selection {selection!r}; expected 'global' or 'per_step'")
@@ -109,10 +112,22 @@ def sample_retention(
         picks = mask[1:].sum(dim=-1)
     if rows.numel() == 0 or int(picks.sum()) == 0:
         return mask, scores.sum() * 0.0
+    return mask, _draw_log_prob(rows, drawn, mask[1:].reshape(rows.shape), picks)
+
+
+def _draw_log_prob(
+    logits: torch.Tensor, drawn: torch.Tensor, kept: torch.Tensor, picks: torch.Tensor
+) -> torch.Tensor:
+    """Plackett-Luce log-probability of drawing the `kept` units (`[R, N]` rows, `picks` per
+    row) in descending order of their noisy values `drawn`, averaged over the units drawn.
+    The kept units go first whatever the noise says: on an exact tie at the cut the mask
+    (`retention_mask`, ties spread over steps) and a plain sort of `drawn` (ties by position)
+    disagree, and the log-probability must be that of the set the mask kept."""
     order = torch.argsort(drawn, dim=-1, descending=True, stable=True)
-    ranked = rows.gather(-1, order)
+    kept_first = torch.argsort((~kept.gather(-1, order)).to(torch.uint8), dim=-1, stable=True)
+    ranked = logits.gather(-1, order.gather(-1, kept_first))
     # Position j of a draw picks one of the units not yet drawn: log p = l_j - logsumexp(l_j..).
     rest = torch.logcumsumexp(ranked.flip(-1), dim=-1).flip(-1)
     position = torch.arange(ranked.shape[-1], device=ranked.device)
     drawn_terms = (ranked - rest) * (position < picks.unsqueeze(-1))
-    return mask, drawn_terms.sum() / picks.sum()
+    return drawn_terms.sum() / picks.sum()

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliApp,
@@ -21,7 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from stts_vllm.training.config import TrainConfig
+from stts_vllm.training.config import TrainConfig, check_exploration
 from stts_vllm.training.videoqa import TASKS
 
 
@@ -154,6 +154,11 @@ class TrainingKnobs(BaseModel):
         description="the training mix: the batch cycles through these tasks; list one twice "
         "to give it twice the questions (a curriculum of a few tasks, for instance)",
     )
+
+    @model_validator(mode="after")
+    def _exploration_knobs_agree(self) -> TrainingKnobs:
+        check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
+        return self
 
 
 class Train(TrainingKnobs):

@@ -47,11 +47,17 @@ class TrainConfig:
         self.frames = tuple(self.frames)
         self.tasks = tuple(self.tasks)
         unknown = sorted(set(self.tasks) - set(TASKS))
-        if self.policy_weight and self.explore <= 0:
-            raise ValueError("policy_weight needs explore > 0: a top-k draw has no probability")
-        if self.answer_loss_on not in ("draws", "top_k"):
-            raise ValueError(f"answer_loss_on must be draws or top_k, got {self.answer_loss_on}")
-        if self.answer_loss_on == "top_k" and not self.policy_weight:
-            raise ValueError("answer_loss_on=top_k needs policy_weight: the draws train nothing")
+        check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
         if not self.tasks or unknown:
             raise ValueError(f"tasks must be a non-empty list from {list(TASKS)}, got {unknown}")
+
+
+def check_exploration(explore: float, policy_weight: float, answer_loss_on: str) -> None:
+    """The exploration knobs that only make sense together; the CLI checks them before it
+    builds or evaluates anything, the config again for callers from Python."""
+    if policy_weight and explore <= 0:
+        raise ValueError("policy_weight needs explore > 0: a top-k draw has no probability")
+    if answer_loss_on not in ("draws", "top_k"):
+        raise ValueError(f"answer_loss_on must be draws or top_k, got {answer_loss_on}")
+    if answer_loss_on == "top_k" and not policy_weight:
+        raise ValueError("answer_loss_on=top_k needs policy_weight: the draws train nothing")

@@ -256,6 +256,26 @@ def test_a_demo_without_llm_layers_is_refused_before_anything_is_built(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "quality"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--answer-loss-on", "top_k"], "needs policy_weight"),
+        (["--policy-weight", "2"], "needs explore"),
+    ],
+)
+def test_exploration_knobs_that_disagree_are_refused_before_anything_is_built(
+    command: str, flags: list[str], message: str, tmp_path: Path
+) -> None:
+    from pydantic import ValidationError
+
+    from stts_vllm import cli
+
+    with pytest.raises((ValidationError, SystemExit), match=message):
+        cli.main([command, str(tmp_path / "run"), *flags])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_saturated_scorer_keeps_units_in_every_step(tmp_path: Path) -> None:
     """Every learned score exactly 1.0 (a saturated sigmoid): at keep 0.2 the 22 units left
     after the first step spread over all seven later steps. Taken in position order they
@@ -264,7 +284,7 @@ def test_a_saturated_scorer_keeps_units_in_every_step(tmp_path: Path) -> None:
 
     checkpoint = make_demo(tmp_path / "m", scorer="learned")
     weights = load_file(str(checkpoint / SCORER_FILE))
-    last = max(k.rsplit(".", 2)[-2] for k in weights if ".mlp." in k)
+    last = max(int(k.rsplit(".", 2)[-2]) for k in weights if ".mlp." in k)
     weights[f"stts_scorer.mlp.{last}.weight"].zero_()
     weights[f"stts_scorer.mlp.{last}.bias"].fill_(50.0)
     scorer_state_dict_to_file(weights, checkpoint / SCORER_FILE)

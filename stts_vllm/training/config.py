@@ -32,7 +32,8 @@ class TrainConfig:
     explore: float = 0.0
     policy_weight: float = 0.0
     # With a policy term: which kept sets carry the answer loss's gradient, the drawn ones
-    # (`draws`) or the top-k (`top_k`, the draws then only reward the scorer).
+    # (`draws`) or the top-k (`top_k`, the draws then only reward the scorer: its weights, and
+    # in `scratch` mode the ViT blocks under it, whose output the scores read).
     answer_loss_on: Literal["draws", "top_k"] = "draws"
     eval_every: int = 250
     eval_samples: int = 100

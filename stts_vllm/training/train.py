@@ -153,7 +153,8 @@ def _step_backward(
     and once with the top-k, whose per-item loss is the draw's baseline. `answer_loss_on`
     says which of the two carries the answer loss's gradient: `draws` (the whole batch is
     explored; the top-k pass needs no gradient) or `top_k` (the model learns from the sets it
-    will serve with, and the draws reach the scorer only through the policy term). With
+    will serve with, and the draws act only through the policy term, whose gradient reaches
+    the scorer and, in `scratch` mode, the ViT blocks under it). With
     `top_k` both passes need gradients, so the top-k loss is backpropagated before the draws
     run: the two graphs are never held at once, and peak memory stays that of one pass.
     Items at keep 1.0 draw nothing and run once; per-item losses do not depend on which

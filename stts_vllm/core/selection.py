@@ -68,10 +68,10 @@ def retention_mask(
             mask[1:].view(-1)[by_rank[by_score[:extra]]] = True
     elif selection == "per_step":
         if num_steps > 1:
-            # step_quotas' rule built on the device: no host-to-device copy when serving
+            # step_quotas' split, built on the device: no host-to-device copy when serving
             quotas = step_quotas(num_steps, units_per_step, keep_ratio)[1:]
-            share, extra = quotas[-1], sum(quotas) - quotas[-1] * len(quotas)
-            steps = torch.arange(num_steps - 1, device=scores.device)
+            share, extra = divmod(sum(quotas), len(quotas))
+            steps = torch.arange(len(quotas), device=scores.device)
             quota = (share + (steps < extra).to(torch.long)).unsqueeze(-1)
             mask[1:] = _ranks_within_steps(scores[1:]) < quota
     else:

@@ -69,9 +69,8 @@ def default_modes(
     # The selection the checkpoint does not use, on the same weights.
     for selection in selections:
         modes += [Mode(m, keep, selection=selection) for keep in ratios for m in STTS_METHODS]
-    # Change is not the signal: the answer flashes once in a unit while most units flicker.
-    # At 0.5 the blocks before pruning can carry a dropped unit's colour to kept neighbours;
-    # at the smallest ratio few neighbours survive, so selection shows in accuracy too.
+    # Change is not the signal: the answer flashes once in a unit among flicker and blocks of
+    # decoy colour, so a kept neighbour carries a mixture of colours, not the answer's.
     modes += [Mode("none", 1.0, "distractor")]
     for keep in sorted({0.5, min(ratios, default=0.5)}, reverse=True):
         modes += [Mode(m, keep, "distractor") for m in ("random", "evs", *STTS_METHODS)]

@@ -6,8 +6,9 @@ with small saturated shapes, and a question whose one-word answer needs either o
 units; backgrounds are grey, so "where the colour is" is the spatial cue a learned scorer can
 pick up from the LLM's gradient, while panning backgrounds make every unit "change" and fool a
 pure frame-difference score. `distractor` goes further: most units flicker black/white every
-step while the answer (a shape's colour) shows in one unit-aligned spot for one step, a smaller
-change than the flicker's, so a scorer that keeps what changes most keeps the flicker. The
+step, and for one step every unit but one turns into a block of colour while the answer (a
+small shape's colour) shows in the one left, a smaller change than the flicker's or the
+blocks', so a scorer that keeps what changes most keeps everything but the answer. The
 `long` split hides one brief event in many frames, for test-time scaling; the `distractor`
 split holds distractor questions only.
 """
@@ -203,13 +204,18 @@ def _flash(rng, frames):
 
 
 def _distractor(rng, frames):
-    """A flash among flicker: on a flat grey field, 55-75% of the 6 x 6 units (never the
-    target's) flip between near-black and near-white every temporal step, each with its own
-    phase; one shape, inside one unit, shows its colour for one step (never the first, which
-    every method keeps whole). The flicker moves each unit's pixels by ~190 levels a step, the
-    flash by at most ~150 (mid-grey to the colour and back), so ranking units by how much
-    they change keeps the flicker and drops the answer; only a scorer that knows what
-    matters (a saturated colour) keeps it."""
+    """A small shape among decoys, in flicker: on a flat grey field, 55-75% of the 6 x 6 units
+    (never the target's) flip between near-black and near-white every temporal step, each
+    with its own phase. For one step (never the first, which every method keeps whole) every
+    other unit turns into a block of colour filling the unit, the colours drawn from the same
+    four as the answer, while the target's unit shows one small shape of the answer's colour
+    on grey. The flicker changes a unit's pixels by ~190 levels a step and a decoy by more
+    than the target does (the target covers part of its unit, by at most ~150), so ranking by
+    change drops the target first. The decoys are what make selection matter: the blocks
+    before the pruning point attend across units, and with a lone flash every kept neighbour
+    carried its colour (random kept 50% of the units and lost nothing); among decoys of every
+    colour a neighbour carries a mixture, and only the target's own unit says which colour is
+    the answer's."""
     n = len(frames)
     level = int(rng.integers(110, 146))
     frames[:] = level
@@ -223,15 +229,24 @@ def _distractor(rng, frames):
             shade = 30 if (i // 2 + phase) % 2 else 220
             frame[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT] = shade
     shape = str(rng.choice(["square", "circle"]))
-    size = int(rng.integers(18, 25))
+    size = int(rng.integers(14, 21))
     color = str(rng.choice(list(COLORS)))
     step = int(rng.integers(1, n // 2))
+    decoys = [str(c) for c in rng.choice(list(COLORS), size=len(others))]
     y = target[0] * UNIT + int(rng.integers(0, UNIT - size + 1))
     x = target[1] * UNIT + int(rng.integers(0, UNIT - size + 1))
     for frame in frames[2 * step : 2 * step + 2]:
+        for (r, c), decoy in zip(others, decoys, strict=True):
+            frame[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT] = COLORS[decoy]
         _draw(frame, shape, y, x, size, color)
-    meta = {"unit": target, "box": (y, x, size), "step": step, "flicker_units": flicker}
-    return f"What color is the {shape} that flashes?", color, meta
+    meta = {
+        "unit": target,
+        "box": (y, x, size),
+        "step": step,
+        "flicker_units": flicker,
+        "decoys": dict(zip(others, decoys, strict=True)),
+    }
+    return f"What color is the small {shape}?", color, meta
 
 
 _MAKERS = {

@@ -78,7 +78,7 @@ def test_a_named_task_overrides_the_cycle_and_stays_deterministic() -> None:
 
 
 @pytest.mark.parametrize("seed", range(12))
-def test_distractor_answer_is_where_its_metadata_says_and_changes_less_than_the_flicker(
+def test_distractor_answer_is_where_its_metadata_says_and_changes_least_of_its_step(
     seed: int,
 ) -> None:
     s = make_sample(seed, "distractor")
@@ -94,13 +94,35 @@ def test_distractor_answer_is_where_its_metadata_says_and_changes_less_than_the_
     assert colored == [2 * step, 2 * step + 1]
     assert tuple(centre[2 * step]) == COLORS[s.answer]
 
+    def cell(r: int, c: int) -> tuple[slice, slice]:
+        return np.s_[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT]
+
+    # At the flash step every other unit is one block of a decoy colour, of every colour in
+    # the answer's set across the split; outside it, decoys' units are grey or flicker.
+    decoys = meta["decoys"]
+    assert len(decoys) == 35 and (row, col) not in decoys
+    for (r, c), decoy in decoys.items():
+        block = frames[2 * step][cell(r, c)].reshape(-1, 3)
+        assert (block == COLORS[decoy]).all()
+        assert np.ptp(frames[0][cell(r, c)]) == 0  # grey or flicker in the first frame
+    assert np.ptp(frames[2 * step][cell(row, col)]) > 100  # grey around the shape
+
     def unit_change(r: int, c: int, a: int, b: int) -> float:
-        cell = np.s_[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT]
-        return float(np.abs(frames[a][cell] - frames[b][cell]).mean())
+        return float(np.abs(frames[a][cell(r, c)] - frames[b][cell(r, c)]).mean())
 
     target = unit_change(row, col, 2 * step - 1, 2 * step)
-    flicker = [unit_change(r, c, 2 * step - 1, 2 * step) for r, c in meta["flicker_units"]]
+    away = step + 2 if step + 2 < len(frames) // 2 else step - 1  # a transition without flash
+    flicker = [unit_change(r, c, 2 * away - 1, 2 * away) for r, c in meta["flicker_units"]]
+    decoy = [unit_change(r, c, 2 * step - 1, 2 * step) for r, c in decoys]
     assert len(flicker) >= 20 and min(flicker) > 150 > target > 0
+    assert min(decoy) > target  # ranking the flash step's units by change drops the answer
+
+
+def test_distractor_decoys_use_every_answer_color() -> None:
+    """No answer can be had by elimination from the decoys' colours."""
+    for seed in range(4):
+        s = make_sample(seed, "distractor")
+        assert set(s.meta["decoys"].values()) == set(COLORS)
 
 
 def test_distractor_questions_are_in_the_mixed_splits_too() -> None:

@@ -6,8 +6,8 @@
 #   2. teach: 150 steps of distractor questions only, unpruned (keep 1.0), lr 1e-3: in the
 #      mixed training the answer barely shows (one question in seven, three in four of them
 #      pruned by a scorer that drops the answer); a probe continuing a model trained on the
-#      earlier split stayed at chance on it for 750 mixed steps (whether a base trained on
-#      this split from scratch needs the stage is not measured yet);
+#      earlier split stayed at chance on it for 750 mixed steps, and seed 0's base answers
+#      it 75% of the time at keep 1.0 (100% after this stage);
 #   3. explore: 800 steps of the top-k exploration recipe on a mix that asks the distractor
 #      question three times in nine, so the scorer learns to keep the answer among the decoys.
 # Stages that exist are reused, so a stopped run continues. About 45 min of base, 4 min of

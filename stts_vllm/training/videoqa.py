@@ -103,6 +103,11 @@ def _draw(frame: np.ndarray, shape: str, y: int, x: int, size: int, color: str) 
     frame[y : y + size, x : x + size][disc] = rgb
 
 
+def _unit(row: int, col: int) -> tuple[slice, slice]:
+    """The pixels of LLM-token unit (row, col) in a frame."""
+    return np.s_[row * UNIT : (row + 1) * UNIT, col * UNIT : (col + 1) * UNIT]
+
+
 def _spot(rng: np.random.Generator, size: int, margin: int = 0) -> tuple[int, int]:
     lo, hi = margin, SIZE - size - margin
     return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
@@ -227,24 +232,25 @@ def _distractor(rng, frames):
         phase = int(rng.integers(0, 2))
         for i, frame in enumerate(frames):
             shade = 30 if (i // 2 + phase) % 2 else 220
-            frame[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT] = shade
+            frame[_unit(r, c)] = shade
     shape = str(rng.choice(["square", "circle"]))
     size = int(rng.integers(14, 21))
     color = str(rng.choice(list(COLORS)))
     step = int(rng.integers(1, n // 2))
-    decoys = [str(c) for c in rng.choice(list(COLORS), size=len(others))]
+    colors = rng.choice(list(COLORS), size=len(others))
+    decoys = {unit: str(c) for unit, c in zip(others, colors, strict=True)}
     y = target[0] * UNIT + int(rng.integers(0, UNIT - size + 1))
     x = target[1] * UNIT + int(rng.integers(0, UNIT - size + 1))
     for frame in frames[2 * step : 2 * step + 2]:
-        for (r, c), decoy in zip(others, decoys, strict=True):
-            frame[r * UNIT : (r + 1) * UNIT, c * UNIT : (c + 1) * UNIT] = COLORS[decoy]
+        for (r, c), decoy in decoys.items():
+            frame[_unit(r, c)] = COLORS[decoy]
         _draw(frame, shape, y, x, size, color)
     meta = {
         "unit": target,
         "box": (y, x, size),
         "step": step,
         "flicker_units": flicker,
-        "decoys": dict(zip(others, decoys, strict=True)),
+        "decoys": decoys,
     }
     return f"What color is the small {shape}?", color, meta
 

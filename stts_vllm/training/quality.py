@@ -161,22 +161,25 @@ def answer_unit_kept(checkpoint: Path, count: int, keep: float = 0.5) -> dict[st
     point attend across units, so a dropped unit's colour can still reach the answer through
     kept neighbours."""
     from stts_vllm.core import retained_count
-    from stts_vllm.training.videoqa import SIZE, UNIT, make_sample
+    from stts_vllm.training.videoqa import SIZE, UNIT
 
     grid = SIZE // UNIT
-    steps, units = len(make_sample(0, "distractor").frames) // 2, grid * grid
-    out: dict[str, float | None] = {
-        # the first step is kept whole; the rest share what is left
-        "random (expected)": (retained_count(steps, units, keep) - units) / ((steps - 1) * units)
-    }
+    out: dict[str, float | None] = {"random (expected)": None}
     for scorer in ("heuristic", "learned"):
         kept = 0
         for sample, mask in _distractor_masks(checkpoint, count, keep, scorer):
-            if mask is None or mask.shape[1] != units:  # another unit grid
+            if mask is None or mask.shape[1] != grid * grid:  # another unit grid
                 out[scorer] = None
                 break
+            steps, units = mask.shape
+            # the flash fills frames 2s and 2s+1; the mask's steps are the processor's
+            frames_per_step = len(sample.frames) // steps
             row, col = sample.meta["unit"]
-            kept += int(mask[sample.meta["step"], row * grid + col])
+            kept += int(mask[2 * sample.meta["step"] // frames_per_step, row * grid + col])
+            # the first step is kept whole; the rest share what is left
+            out["random (expected)"] = (retained_count(steps, units, keep) - units) / (
+                (steps - 1) * units
+            )
         else:
             out[scorer] = kept / count
     return out

@@ -10,8 +10,9 @@
 #      it 75% of the time at keep 1.0 (100% after this stage);
 #   3. explore: 800 steps of the top-k exploration recipe on a mix that asks the distractor
 #      question three times in nine, so the scorer learns to keep the answer among the decoys.
-# Stages that exist are reused, so a stopped run continues. Seed 0 took 25 min of base, 2 min
-# of teaching, 22 min of exploring and 10 min of evaluation on 2 CPU cores.
+# Stages that exist are reused, so a stopped run continues. Each seed took 23-27 min of base,
+# 3 min of teaching, 22 min of exploring and 10 min of evaluation on 2 CPU cores (about three
+# hours for the three seeds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cli=.venv/bin/stts-vllm

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The three-seed table on the decoy distractor split (README, "A distractor split that needs
-# selection"). Per seed, three stages of `stts-vllm train`, then every row of every seed
-# evaluated and aggregated by `quality` (it finds the trained seeds and only evaluates them):
+# selection"). Per seed, stages of `stts-vllm train`, then every row of every seed evaluated
+# and aggregated by `quality` (it finds the trained seeds and only evaluates them):
 #   1. base: a fresh demo with a 4-layer LLM, the paper's recipe, 1200 steps;
 #   2. teach: 150 steps of distractor questions only, unpruned (keep 1.0), lr 1e-3: in the
 #      mixed training the answer barely shows (one question in seven, three in four of them
@@ -10,30 +10,68 @@
 #      it 75% of the time at keep 1.0 (100% after this stage);
 #   3. explore: 800 steps of the top-k exploration recipe on a mix that asks the distractor
 #      question three times in nine, so the scorer learns to keep the answer among the decoys.
-# Stages that exist are reused, so a stopped run continues. Each seed took 23-27 min of base,
-# 3 min of teaching, 22 min of exploring and 10 min of evaluation on 2 CPU cores (about three
-# hours for the three seeds).
-set -euo pipefail
+# CURRICULUM=1 continues each seed's explored model (stage 3) with a curriculum for the tasks
+# a mix never teaches (README, "A curriculum for direction, changed and count"), one task at a
+# time, unpruned, then explores again (stage 3's recipe) into artifacts/quality-curriculum:
+#   4a. direction only, 400 steps at lr 5e-4 (the answer loss sits at chance ~100 steps, then
+#       falls: the LLM learns to read a token's side only when nothing else is asked);
+#   4b. changed twice in three (direction the third), 500 steps at lr 5e-4;
+#   4c. changed only, 500 steps at lr 1e-3 (where seed 0 left chance, after ~200 steps);
+#   4d. every task, the three above twice, 400 steps at lr 3e-4: brings back what the
+#       single-task stages made the model forget (and teaches the distractor: 99% at keep 1.0);
+#   4e. count only, 500 steps at lr 1e-3 (seed 0: 36% -> 97%, leaving chance after ~250);
+#   4f. the mix of 4d again, as 4e forgets the rest, then 4g: 400 more steps of it with
+#       direction and changed twice in nine (seed 0 after 4g: direction 82%, count 94%, the
+#       other tasks 97-100%, changed back at chance: 55%; see the README).
+# Stages that exist are reused, so a stopped run continues. On 2 CPU cores each seed took
+# 23-27 min of base, 3 min of teaching, 22 min of exploring and 10 min of evaluation (about
+# three hours for the three seeds); the curriculum adds about 61 min of stages per seed
+# (seed 0: 7 + 10 + 11 + 8 + 10 + 8 + 8), then 22 of exploring again.
+set -euo pipefail -o noglob  # task lists like [direction] are not globs
 cd "$(dirname "$0")/.."
 cli=.venv/bin/stts-vllm
-root=artifacts/quality-distractor
+bases=artifacts/quality-distractor
+root=$bases
+[[ ${CURRICULUM:-0} == 1 ]] && root=artifacts/quality-curriculum
 tasks='[distractor,distractor,distractor,color,flash,order,count,changed,direction]'
 knobs=(--steps 800 --warmup 20 --lr 0.0003 --explore 1 --policy-weight 2
   --answer-loss-on top_k --tasks "$tasks")
+unpruned=(--warmup 20 --keep-ratios '[1.0]')
+
+# stage OUT INIT SEED ARGS...: train OUT from INIT's checkpoint unless OUT already has one.
+stage() {
+  local out=$1 init=$2 seed=$3
+  shift 3
+  [[ -f $out/checkpoint/config.json ]] && return 0
+  local from=()
+  [[ -n $init ]] && from=(--init "$init/checkpoint")
+  "$cli" train "$out" "${from[@]}" --seed "$seed" "$@" --resume true
+}
+
 seeds=${SEEDS:-0 1 2}
 for s in $seeds; do
-  base=$root/base-$s
-  if [[ ! -f $base/checkpoint/config.json ]]; then
-    "$cli" train "$base" --seed "$s" --text-layers 4 --steps 1200 --resume true
-  fi
-  teach=$root/teach-$s
-  if [[ ! -f $teach/checkpoint/config.json ]]; then
-    "$cli" train "$teach" --init "$base/checkpoint" --seed $((3 + s)) --steps 150 --warmup 20 \
-      --lr 0.001 --keep-ratios '[1.0]' --tasks '[distractor]' --resume true
-  fi
-  run=$root/seed-$s
-  if [[ ! -f $run/checkpoint/config.json ]]; then
-    "$cli" train "$run" --init "$teach/checkpoint" --seed $((6 + s)) "${knobs[@]}" --resume true
-  fi
+  stage "$bases/base-$s" "" "$s" --text-layers 4 --steps 1200
+  stage "$bases/teach-$s" "$bases/base-$s" $((3 + s)) --steps 150 --lr 0.001 "${unpruned[@]}" \
+    --tasks '[distractor]'
+  stage "$bases/seed-$s" "$bases/teach-$s" $((6 + s)) "${knobs[@]}"
+  [[ $root == "$bases" ]] && continue
+  mix='[direction,changed,count,color,direction,changed,count,order,flash,distractor]'
+  curriculum=(
+    "direction 11 --steps 400 --lr 0.0005 --tasks [direction]"
+    "changed 12 --steps 500 --lr 0.0005 --tasks [changed,changed,direction]"
+    "changed-only 13 --steps 500 --lr 0.001 --tasks [changed]"
+    "mix 14 --steps 400 --lr 0.0003 --tasks $mix"
+    "count 15 --steps 500 --lr 0.001 --tasks [count]"
+    "mix2 16 --steps 400 --lr 0.0003 --tasks $mix"
+    "mix3 17 --steps 400 --lr 0.0003 --tasks [direction,changed,direction,changed,count,color,order,flash,distractor]"
+  )
+  prev=$bases/seed-$s
+  for line in "${curriculum[@]}"; do
+    read -r name seed args <<<"$line"
+    # shellcheck disable=SC2086  # args is a list of flags without spaces inside
+    stage "$root/$name-$s" "$prev" $((seed + 10 * s)) "${unpruned[@]}" $args
+    prev=$root/$name-$s
+  done
+  stage "$root/seed-$s" "$prev" $((6 + s)) "${knobs[@]}"
 done
 "$cli" quality "$root" --seeds "[${seeds// /,}]" "${knobs[@]}"

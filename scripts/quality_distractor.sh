@@ -25,8 +25,8 @@
 #       other tasks 97-100%, changed back at chance: 55%; see the README).
 # Stages that exist are reused, so a stopped run continues. On 2 CPU cores each seed took
 # 23-27 min of base, 3 min of teaching, 22 min of exploring and 10 min of evaluation (about
-# three hours for the three seeds); the curriculum adds about 61 min of stages per seed
-# (seed 0: 7 + 10 + 11 + 8 + 10 + 8 + 8), then 22 of exploring again.
+# three hours for the three seeds); the curriculum adds about 62 min of stages per seed
+# (seed 0: 7 + 10 + 11 + 8 + 10 + 8 + 9), then 22 of exploring again.
 set -euo pipefail -o noglob  # task lists like [direction] are not globs
 cd "$(dirname "$0")/.."
 cli=.venv/bin/stts-vllm
@@ -37,6 +37,17 @@ tasks='[distractor,distractor,distractor,color,flash,order,count,changed,directi
 knobs=(--steps 800 --warmup 20 --lr 0.0003 --explore 1 --policy-weight 2
   --answer-loss-on top_k --tasks "$tasks")
 unpruned=(--warmup 20 --keep-ratios '[1.0]')
+mix='[direction,changed,count,color,direction,changed,count,order,flash,distractor]'
+# CURRICULUM=1 stages: NAME SEED-OFFSET ARGS (4a-4g above)
+curriculum=(
+  "direction 11 --steps 400 --lr 0.0005 --tasks [direction]"
+  "changed 12 --steps 500 --lr 0.0005 --tasks [changed,changed,direction]"
+  "changed-only 13 --steps 500 --lr 0.001 --tasks [changed]"
+  "mix 14 --steps 400 --lr 0.0003 --tasks $mix"
+  "count 15 --steps 500 --lr 0.001 --tasks [count]"
+  "mix2 16 --steps 400 --lr 0.0003 --tasks $mix"
+  "mix3 17 --steps 400 --lr 0.0003 --tasks [direction,changed,direction,changed,count,color,order,flash,distractor]"
+)
 
 # stage OUT INIT SEED ARGS...: train OUT from INIT's checkpoint unless OUT already has one.
 stage() {
@@ -55,16 +66,6 @@ for s in $seeds; do
     --tasks '[distractor]'
   stage "$bases/seed-$s" "$bases/teach-$s" $((6 + s)) "${knobs[@]}"
   [[ $root == "$bases" ]] && continue
-  mix='[direction,changed,count,color,direction,changed,count,order,flash,distractor]'
-  curriculum=(
-    "direction 11 --steps 400 --lr 0.0005 --tasks [direction]"
-    "changed 12 --steps 500 --lr 0.0005 --tasks [changed,changed,direction]"
-    "changed-only 13 --steps 500 --lr 0.001 --tasks [changed]"
-    "mix 14 --steps 400 --lr 0.0003 --tasks $mix"
-    "count 15 --steps 500 --lr 0.001 --tasks [count]"
-    "mix2 16 --steps 400 --lr 0.0003 --tasks $mix"
-    "mix3 17 --steps 400 --lr 0.0003 --tasks [direction,changed,direction,changed,count,color,order,flash,distractor]"
-  )
   prev=$bases/seed-$s
   for line in "${curriculum[@]}"; do
     read -r name seed args <<<"$line"

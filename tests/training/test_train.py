@@ -119,6 +119,41 @@ def test_the_default_training_mix_is_the_task_cycle_and_tasks_reweights_it() -> 
     assert tasks.count("direction") == 8 and tasks.count("changed") == 4
 
 
+def test_a_curriculum_mix_reports_validation_accuracy_per_task(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage that trains on a few tasks logs each one's keep-1.0 accuracy on its own
+    questions; the default mix logs only the mixed split's."""
+    import stts_vllm.training.train as train_module
+
+    asked: list[tuple[str, str | None]] = []
+
+    def recording(seed: int, split: str = "train", frames: int = 16, task: str | None = None):
+        asked.append((split, task))
+        return make_sample(seed, split, frames, task)
+
+    monkeypatch.setattr(train_module, "make_sample", recording)
+    out = tmp_path / "stage"
+    steps = SMOKE | {"steps": 1, "batch_size": 2, "eval_every": 1, "eval_samples": 3}
+    config = TrainConfig(
+        init=smoke_run / "checkpoint",
+        out=out,
+        frames=(16,),
+        tasks=("count", "direction", "count"),
+        keep_ratios=(1.0,),
+        **steps,
+    )
+    train(config)
+    record = read_log(out)[-1]
+    per_task = {k: v for k, v in record.items() if k.startswith("val_acc@1.0/")}
+    assert sorted(per_task) == ["val_acc@1.0/count", "val_acc@1.0/direction"]
+    assert all(v in (0, 1 / 3, 2 / 3, 1) for v in per_task.values())
+    val_tasks = [task for split, task in asked if split == "val"]
+    assert val_tasks.count("count") == 3 and val_tasks.count("direction") == 3
+    assert val_tasks.count(None) == 6  # the mixed split at keep 1.0 and 0.5, as before
+    assert not any("/" in k for k in read_log(smoke_run)[-1])
+
+
 def test_an_unknown_or_empty_mix_is_refused() -> None:
     with pytest.raises(ValueError, match="tasks"):
         TrainConfig(init=Path("i"), out=Path("o"), tasks=("colour",))

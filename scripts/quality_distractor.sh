@@ -15,7 +15,8 @@
 # time, unpruned, then explores again (stage 3's recipe) into artifacts/quality-curriculum:
 #   4a. direction only, 400 steps at lr 5e-4 (the answer loss sits at chance ~100 steps, then
 #       falls: the LLM learns to read a token's side only when nothing else is asked);
-#   4b. changed twice in three (direction the third), 500 steps at lr 5e-4;
+#   4b. changed twice in three (direction the third), 500 steps at lr 5e-4 (stays at chance,
+#       but 4c needs it: changed only straight after 4a stayed at chance for 500 steps);
 #   4c. changed only, 500 steps at lr 1e-3 (where seed 0 left chance, after ~200 steps);
 #   4d. every task, the three above twice, 400 steps at lr 3e-4: brings back what the
 #       single-task stages made the model forget (and teaches the distractor: 99% at keep 1.0);

@@ -108,6 +108,13 @@ def _unit(row: int, col: int) -> tuple[slice, slice]:
     return np.s_[row * UNIT : (row + 1) * UNIT, col * UNIT : (col + 1) * UNIT]
 
 
+def _units_of(y: int, x: int, size: int) -> list[tuple[int, int]]:
+    """The LLM-token units a `size`-pixel box at (y, x) touches, row-major."""
+    rows = range(y // UNIT, (y + size - 1) // UNIT + 1)
+    cols = range(x // UNIT, (x + size - 1) // UNIT + 1)
+    return [(r, c) for r in rows for c in cols]
+
+
 def _spot(rng: np.random.Generator, size: int, margin: int = 0) -> tuple[int, int]:
     lo, hi = margin, SIZE - size - margin
     return int(rng.integers(lo, hi + 1)), int(rng.integers(lo, hi + 1))
@@ -191,7 +198,14 @@ def _changed(rng, frames):
         left_color, right_color = (moved, other) if side == "left" else (other, moved)
         _draw(frame, shape, y, left_x, size, left_color)
         _draw(frame, shape, y, right_x, size, right_color)
-    return f"Which {shape} changes color, left or right?", side
+    moved_x, still_x = (left_x, right_x) if side == "left" else (right_x, left_x)
+    meta = {
+        "change": change,  # the first frame in the new colour
+        "moved": {"box": (y, moved_x, size), "units": _units_of(y, moved_x, size)},
+        "still": {"box": (y, still_x, size), "units": _units_of(y, still_x, size)},
+        "colors": (before, after, other),
+    }
+    return f"Which {shape} changes color, left or right?", side, meta
 
 
 def _flash(rng, frames):

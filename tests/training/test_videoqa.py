@@ -128,3 +128,21 @@ def test_distractor_decoys_use_every_answer_color() -> None:
 def test_distractor_questions_are_in_the_mixed_splits_too() -> None:
     tasks = [make_sample(i, "test").task for i in range(len(TASKS))]
     assert "distractor" in tasks
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_changed_answer_is_the_shape_its_metadata_says_changes(seed: int) -> None:
+    s = make_sample(seed, "val", task="changed")
+    meta, frames = s.meta, s.frames.astype(int)
+    before, after, other = (COLORS[c] for c in meta["colors"])
+    change = meta["change"]
+    assert 2 <= change < len(frames) - 2
+    for key, colours in (("moved", (before, after)), ("still", (other, other))):
+        y, x, size = meta[key]["box"]
+        centre = frames[:, y + size // 2, x + size // 2]
+        assert all(tuple(c) == colours[0] for c in centre[:change])
+        assert all(tuple(c) == colours[1] for c in centre[change:])
+        assert (y // UNIT, x // UNIT) in meta[key]["units"]
+        assert ((y + size - 1) // UNIT, (x + size - 1) // UNIT) in meta[key]["units"]
+    moved_x, still_x = meta["moved"]["box"][1], meta["still"]["box"][1]
+    assert s.answer == ("left" if moved_x < still_x else "right")

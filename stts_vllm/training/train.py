@@ -20,7 +20,9 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -281,26 +283,37 @@ def train(config: TrainConfig) -> Path:
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
             _save_state(model, optimizer, step + 1, out / "last", source=Path(config.init))
     log.close()
-    final = model.save(out / "checkpoint", Path(config.init))
+    final = write_dir_atomically(out / "checkpoint", lambda tmp: model.save(tmp, Path(config.init)))
     (out / "train_config.json").write_text(
         json.dumps(asdict(config) | {"history": []}, default=str, indent=2)
     )
     return final
 
 
-def _save_state(model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path) -> None:
+def write_dir_atomically(where: Path, write: Callable[[Path], object]) -> Path:
+    """Write a directory under a temporary name, then rename it into place: a reader that
+    checks for `where` (a stage script, `quality` reusing a seed) never sees half of it, and
+    a crash mid-write leaves the previous `where` whole."""
     tmp = where.with_name(where.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
-    model.save(tmp, source)
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()},
-        tmp / STATE_FILE,
-    )
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if where.exists():
-        import shutil
-
         shutil.rmtree(where)
     tmp.rename(where)
+    return where
+
+
+def _save_state(model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path) -> None:
+    def write(tmp: Path) -> None:
+        model.save(tmp, source)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()},
+            tmp / STATE_FILE,
+        )
+
+    write_dir_atomically(where, write)

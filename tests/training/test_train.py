@@ -13,7 +13,14 @@ from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read
 from stts_vllm.core import retention_mask, sample_retention
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.model import STTSVideoQAModel
-from stts_vllm.training.train import TrainConfig, _batch, _step_backward, policy_loss, train
+from stts_vllm.training.train import (
+    TrainConfig,
+    _batch,
+    _step_backward,
+    policy_loss,
+    train,
+    write_dir_atomically,
+)
 from stts_vllm.training.videoqa import TASKS, make_sample
 from tests.training.conftest import SMOKE, read_log
 
@@ -54,6 +61,36 @@ def test_a_few_steps_lower_the_loss_and_write_a_servable_checkpoint(smoke_run: P
     config = read_config(checkpoint)
     assert config["architectures"] == [STTS_ARCHITECTURE] and config["stts"]["scorer"] == "learned"
     assert (checkpoint / SCORER_FILE).is_file() and (checkpoint / "tokenizer.json").is_file()
+    assert not (smoke_run / "checkpoint.tmp").exists() and not (smoke_run / "last.tmp").exists()
+
+
+def test_a_checkpoint_appears_whole_or_not_at_all(tmp_path: Path) -> None:
+    """Stage scripts and `quality` reuse a run once `checkpoint/config.json` exists: a write
+    that fails half-way must leave neither a partial directory nor a damaged earlier one."""
+    where = tmp_path / "checkpoint"
+
+    def write(files: dict[str, str]):
+        def go(tmp: Path) -> None:
+            tmp.mkdir()
+            for name, text in files.items():
+                (tmp / name).write_text(text)
+                assert where.exists() is (where / "old").exists()  # nothing in place yet
+
+        return go
+
+    def crash(tmp: Path) -> None:
+        write({"config.json": "{}"})(tmp)
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_dir_atomically(where, crash)
+    assert not where.exists() and not (tmp_path / "checkpoint.tmp").exists()
+    write_dir_atomically(where, write({"old": "1", "config.json": "{}"}))
+    with pytest.raises(OSError):
+        write_dir_atomically(where, crash)
+    assert sorted(p.name for p in where.iterdir()) == ["config.json", "old"]
+    write_dir_atomically(where, write({"config.json": '{"new": 1}'}))
+    assert [p.name for p in where.iterdir()] == ["config.json"]
 
 
 def test_resume_continues_where_it_stopped(smoke_run: Path, tmp_path: Path) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from stts_vllm.checkpoint import make_demo
 from stts_vllm.training.train import LOG_FILE, TrainConfig, train
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 SMOKE = {
     "steps": 8,
@@ -18,6 +22,16 @@ SMOKE = {
     "eval_samples": 8,
     "save_every": 4,
 }
+
+
+def load_bench_script(name: str) -> ModuleType:
+    """`bench/NAME.py` as a module: the bench scripts are not a package, their tests call
+    their functions directly."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def read_log(out: Path) -> list[dict]:

@@ -4,7 +4,6 @@ report."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,22 +15,15 @@ import torch
 
 from stts_vllm.core.selection import retention_mask
 from stts_vllm.training.videoqa import make_sample
+from tests.training.conftest import BENCH, load_bench_script
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "probe_changed.py"
-
-
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("probe_changed", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+ROOT = BENCH.parent
+SCRIPT = BENCH / "probe_changed.py"
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_roles_follow_the_metadata_and_the_oracle_keeps_both_shapes(seed: int) -> None:
-    probe = _probe_module()
+    probe = load_bench_script("probe_changed")
     sample = make_sample(seed, "val", task="changed")
     roles = probe.unit_roles(sample, 8)
     names = probe.ROLES
@@ -79,6 +71,6 @@ def test_a_probe_run_writes_every_row(smoke_run: Path, tmp_path: Path) -> None:
     oracle = rows[-1]
     assert oracle["kept/still"] == 1.0 and oracle["kept/moved after"] == 1.0
     for row in rows[1:]:
-        shares = [row[f"kept/{role}"] for role in _probe_module().ROLES]
+        shares = [row[f"kept/{role}"] for role in load_bench_script("probe_changed").ROLES]
         assert all(0.0 <= s <= 1.0 for s in shares) and np.isfinite(row["accuracy"])
     assert (tmp_path / "probe.png").is_file()

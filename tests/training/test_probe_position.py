@@ -4,7 +4,6 @@ checkpoint writes every probe."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,21 +13,14 @@ import pytest
 import torch
 
 from stts_vllm.training.videoqa import SIZE, make_sample
+from tests.training.conftest import BENCH, load_bench_script
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "bench" / "probe_position.py"
-
-
-def _probe_module():
-    spec = importlib.util.spec_from_file_location("probe_position", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+ROOT = BENCH.parent
+SCRIPT = BENCH / "probe_position.py"
 
 
 def test_the_shape_starts_on_the_side_it_moves_away_from() -> None:
-    probe = _probe_module()
+    probe = load_bench_script("probe_position")
     for seed in range(24):
         sample = make_sample(seed, "test", task="direction")
         _, x = probe.shape_box(sample.frames[0])
@@ -36,7 +28,7 @@ def test_the_shape_starts_on_the_side_it_moves_away_from() -> None:
 
 
 def test_the_probe_separates_a_signal_and_not_noise() -> None:
-    probe = _probe_module()
+    probe = load_bench_script("probe_position")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=generator, dtype=torch.float64)
     signal = (x[:, 3] > 0).long()
@@ -79,7 +71,7 @@ def test_a_probe_run_writes_every_probe(smoke_run: Path, tmp_path: Path) -> None
 
 
 def test_the_variance_share_measures_how_loud_a_label_is() -> None:
-    probe = _probe_module()
+    probe = load_bench_script("probe_position")
     generator = torch.Generator().manual_seed(1)
     y = torch.randint(0, 2, (400,), generator=generator)
     noise = torch.randn(400, 8, generator=generator, dtype=torch.float64)

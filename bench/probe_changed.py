@@ -70,29 +70,31 @@ class OracleScorer(nn.Module):
 
 
 def run_selection(
-    checkpoint: Path, selection: str, samples: list[VideoQA], keep: float
+    model: STTSVideoQAModel, selection: str, samples: list[VideoQA], keep: float
 ) -> dict[str, float]:
-    """Accuracy and the share of each role's units kept, for one selection at one ratio."""
-    kind = "learned" if selection == "oracle" else selection
-    model = STTSVideoQAModel.from_checkpoint(checkpoint, scorer=kind)
-    model.eval()
+    """Accuracy and the share of each role's units kept, for one selection at one ratio;
+    `model` carries the selection's scorer kind (`oracle`: any, its scorer is swapped)."""
+    learned = model.scorer
     kept, total = np.zeros(len(ROLES)), np.zeros(len(ROLES))
     correct = 0
     with torch.no_grad():
-        for seed, sample in enumerate(samples):
-            if selection == "oracle":
-                model.scorer = OracleScorer(sample, seed)
-            out = model([model.prepare(sample)], [keep])
-            word = model.tokenizer.decode([int(out.answer_logits[0].argmax())]).strip()
-            correct += word == sample.answer
-            scores = out.scores[0]
-            if scores is None:  # keep 1.0: nothing scored, everything kept
-                continue
-            mask = retention_mask(scores.cpu(), keep).numpy()[1:]
-            roles = unit_roles(sample, scores.shape[0])[1:]
-            for i in range(len(ROLES)):
-                kept[i] += mask[roles == i].sum()
-                total[i] += (roles == i).sum()
+        try:
+            for seed, sample in enumerate(samples):
+                if selection == "oracle":
+                    model.scorer = OracleScorer(sample, seed)
+                out = model([model.prepare(sample)], [keep])
+                word = model.tokenizer.decode([int(out.answer_logits[0].argmax())]).strip()
+                correct += word == sample.answer
+                scores = out.scores[0]
+                if scores is None:  # keep 1.0: nothing scored, everything kept
+                    continue
+                mask = retention_mask(scores.cpu(), keep).numpy()[1:]
+                roles = unit_roles(sample, scores.shape[0])[1:]
+                for i in range(len(ROLES)):
+                    kept[i] += mask[roles == i].sum()
+                    total[i] += (roles == i).sum()
+        finally:
+            model.scorer = learned
     result = {"accuracy": correct / len(samples)}
     if total.any():
         result |= {f"kept/{r}": float(kept[i] / max(total[i], 1)) for i, r in enumerate(ROLES)}
@@ -110,11 +112,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     samples = [make_sample(s, "val", 16, "changed") for s in range(args.clips)]
+    models: dict[str, STTSVideoQAModel] = {}
+
+    def model_for(selection: str) -> STTSVideoQAModel:
+        kind = "learned" if selection in ("oracle", "none") else selection
+        if kind not in models:
+            models[kind] = STTSVideoQAModel.from_checkpoint(args.checkpoint, scorer=kind).eval()
+        return models[kind]
+
     rows = []
     for keep in tqdm(args.keep, desc="keep ratios"):
-        for selection in args.selections if keep < 1.0 else ["none"]:
-            name = "learned" if selection == "none" else selection  # keep 1.0: nothing pruned
-            result = run_selection(args.checkpoint, name, samples, keep)
+        for selection in args.selections if keep < 1.0 else ["none"]:  # keep 1.0: none pruned
+            result = run_selection(model_for(selection), selection, samples, keep)
             rows.append({"selection": selection, "keep": keep, **result})
             print(
                 json.dumps(

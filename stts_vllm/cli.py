@@ -179,6 +179,12 @@ class Train(TrainingKnobs):
         None, ge=1, description="the fresh demo's LLM depth (default: the serving demo's)"
     )
     mode: Literal["scratch", "scorer", "scorer+llm"] = TrainConfig.mode
+    until: dict[Literal[*TASKS], float] = Field(  # type: ignore[valid-type]
+        {},
+        description="stop at the first evaluation where each named task's keep-1.0 val "
+        "accuracy reaches its value, e.g. changed=0.85 (--steps is then a cap): a stage that "
+        "runs until its task is learned, however long the plateau before it lasts",
+    )
     eval_every: int = TrainConfig.eval_every
     eval_samples: int = TrainConfig.eval_samples
     save_every: int = TrainConfig.save_every

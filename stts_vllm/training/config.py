@@ -3,7 +3,7 @@ defaults from here, so the two never disagree on the recipe a flagless run train
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,12 @@ class TrainConfig:
     # (`draws`) or the top-k (`top_k`, the draws then only reward the scorer: its weights, and
     # in `scratch` mode the ViT blocks under it, whose output the scores read).
     answer_loss_on: Literal["draws", "top_k"] = "draws"
+    # A stage that runs until it has learned: stop at the first evaluation where every task
+    # named here answers at least its bar (keep 1.0, `eval_samples` val clips); `steps` is
+    # then a cap, and the lr schedule still spans it. A small LLM leaves chance on a task
+    # after a plateau whose length depends on the seed (README, "A curriculum ..."), so a
+    # fixed step count fits one seed only.
+    until: dict[str, float] = field(default_factory=dict)
     eval_every: int = 250
     eval_samples: int = 100
     save_every: int = 250
@@ -51,6 +57,13 @@ class TrainConfig:
         check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
         if not self.tasks or unknown:
             raise ValueError(f"tasks must be a non-empty list from {list(TASKS)}, got {unknown}")
+        self.until = dict(self.until)
+        unknown = sorted(set(self.until) - set(TASKS))
+        bars = [bar for bar in self.until.values() if not 0.0 <= bar <= 1.0]
+        if unknown or bars:
+            raise ValueError(
+                f"until maps tasks from {list(TASKS)} to accuracies in [0, 1], got {self.until}"
+            )
 
 
 def check_exploration(explore: float, policy_weight: float, answer_loss_on: str) -> None:

@@ -226,16 +226,20 @@ def train(config: TrainConfig) -> Path:
         group["lr"] = config.scorer_lr if group["name"] == "scorer" else config.lr
         group["base_lr"] = group["lr"]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
-    start = 0
+    start, stopped = 0, None
     if source != Path(config.init):
         state = torch.load(state_path, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", source, start)
+        stopped = state.get("stopped")
+        if stopped is not None:  # `until` was met: the stage is done, whatever `steps` says
+            start = config.steps
     log = (out / LOG_FILE).open("a")
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train")
     window: list[dict] = []
+    learned = False
     for step in bar:
         t0 = time.perf_counter()
         batch, keeps = _batch(model, step, config)
@@ -270,22 +274,31 @@ def train(config: TrainConfig) -> Path:
                 ]
             # A curriculum stage's breakthrough on its own task(s) hides in the mixed split's
             # accuracy (one question in seven), so a non-default mix also reports each task.
-            if config.tasks != TASKS:
-                for task in dict.fromkeys(config.tasks):
-                    record[f"val_acc@1.0/{task}"] = evaluate(
-                        model, "val", config.eval_samples, 1.0, task=task
-                    )["accuracy"]
+            per_task = dict.fromkeys(config.tasks if config.tasks != TASKS else ())
+            for task in per_task | dict.fromkeys(config.until):
+                record[f"val_acc@1.0/{task}"] = evaluate(
+                    model, "val", config.eval_samples, 1.0, task=task
+                )["accuracy"]
+            learned = bool(config.until) and all(
+                record[f"val_acc@1.0/{task}"] >= least for task, least in config.until.items()
+            )
             bar.write(
                 json.dumps({k: v for k, v in record.items() if "val" in k} | {"step": step + 1})
             )
+        if learned:
+            record["until_met"] = True
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
-            _save_state(model, optimizer, step + 1, out / "last", source=Path(config.init))
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps or learned:
+            _save_state(model, optimizer, step + 1, out / "last", Path(config.init), learned)
+        if learned:
+            stopped = step + 1
+            logger.info("stopping at step %d: %s reached", stopped, config.until)
+            break
     log.close()
     final = write_dir_atomically(out / "checkpoint", lambda tmp: model.save(tmp, Path(config.init)))
     (out / "train_config.json").write_text(
-        json.dumps(asdict(config) | {"history": []}, default=str, indent=2)
+        json.dumps(asdict(config) | {"history": [], "stopped": stopped}, default=str, indent=2)
     )
     return final
 
@@ -308,12 +321,15 @@ def write_dir_atomically(where: Path, write: Callable[[Path], object]) -> Path:
     return where
 
 
-def _save_state(model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path) -> None:
+def _save_state(
+    model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path, learned: bool
+) -> None:
+    """`stopped` is the step where `until` was met (None: not met), so a resumed run that had
+    stopped early ends at once instead of training on to `steps`."""
+
     def write(tmp: Path) -> None:
         model.save(tmp, source)
-        torch.save(
-            {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()},
-            tmp / STATE_FILE,
-        )
+        state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
+        torch.save(state | {"stopped": step if learned else None}, tmp / STATE_FILE)
 
     write_dir_atomically(where, write)

@@ -193,6 +193,21 @@ def test_the_training_mix_reaches_the_config_and_unknown_tasks_are_refused(
     assert not (tmp_path / "run").exists()
 
 
+def test_until_reaches_the_config_from_the_command_line(monkeypatch, tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    from stts_vllm import cli
+    from stts_vllm.training import train
+
+    seen = {}
+    monkeypatch.setattr(train, "train", lambda config: seen.setdefault("config", config))
+    cli.main(["train", "out", "--init", "base", "--until", "changed=0.85,count=0.5"])
+    assert seen["config"].until == {"changed": 0.85, "count": 0.5}
+    with pytest.raises((ValidationError, SystemExit), match="changed"):
+        cli.main(["train", str(tmp_path / "run"), "--until", "chnged=0.85"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_fresh_train_builds_the_demo_the_quality_seeds_start_from(
     monkeypatch, tmp_path: Path
 ) -> None:

@@ -3,6 +3,7 @@ loss, state resumes, and the output is an STTS checkpoint."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +190,44 @@ def test_a_curriculum_mix_reports_validation_accuracy_per_task(
     assert val_tasks.count("count") == 3 and val_tasks.count("direction") == 3
     assert val_tasks.count(None) == 6  # the mixed split at keep 1.0 and 0.5, as before
     assert not any("/" in k for k in read_log(smoke_run)[-1])
+
+
+def test_until_stops_a_stage_once_its_task_is_learned_and_a_resume_keeps_it_stopped(
+    smoke_run: Path, tmp_path: Path
+) -> None:
+    """`until`: a bar any accuracy reaches stops the run at the first evaluation (step 2 of
+    6), with a whole checkpoint, the task's accuracy logged although it is not in the mix,
+    and the stop recorded; resuming the stopped run trains nothing more. A bar of 1.0 on
+    tasks the 8-step model cannot answer all of runs to `steps`."""
+    out = tmp_path / "until"
+    steps = SMOKE | {"steps": 6, "batch_size": 2, "eval_every": 2, "eval_samples": 3}
+    stage = dict(init=smoke_run / "checkpoint", out=out, frames=(16,), **steps)
+    train(TrainConfig(**stage, until={"changed": 0.0}))
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2]
+    assert log[-1]["until_met"] is True and "val_acc@1.0/changed" in log[-1]
+    assert (out / "checkpoint" / "config.json").is_file()
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["stopped"] == 2 and saved["until"] == {"changed": 0.0}
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=False)["stopped"] == 2
+
+    train(TrainConfig(**stage, until={"changed": 0.0}, resume=True))
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    assert json.loads((out / "train_config.json").read_text())["stopped"] == 2
+
+    out = tmp_path / "runs-on"
+    stage["out"] = out
+    train(TrainConfig(**stage, until={"color": 1.0, "count": 1.0, "changed": 1.0}))
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
+    assert not any(r.get("until_met") for r in log)
+    assert json.loads((out / "train_config.json").read_text())["stopped"] is None
+
+
+@pytest.mark.parametrize("until", [{"colour": 0.5}, {"changed": 1.5}, {"changed": -0.1}])
+def test_until_refuses_unknown_tasks_and_bars_outside_0_1(until: dict) -> None:
+    with pytest.raises(ValueError, match="until"):
+        TrainConfig(init=Path("i"), out=Path("o"), until=until)
 
 
 def test_an_unknown_or_empty_mix_is_refused() -> None:

@@ -1,10 +1,14 @@
 """Training step time (forward + backward + optimizer) at several keep ratios, one process.
 
-    .venv/bin/python bench/train_step.py CHECKPOINT --batch-size 16 --frames 16
+    .venv/bin/python bench/train_step.py CHECKPOINT --batch-size 16 --frames 16 --out DIR
 
-Same weights, same samples, interleaved repetitions; prints a JSON line per keep ratio with
-the median and spread of the step time, the video tokens the LLM saw, and the speedup over
-keep 1.0. Packing of the pruned ViT and of the LLM sequences is what turns pruning into time.
+Same weights, same samples, interleaved repetitions; prints a JSON line per (vision blocks,
+keep ratio) with the median and spread of the step time, the video tokens the LLM saw, the
+speedup over keep 1.0 and over transformers' stock vision blocks at the same keep ratio;
+`--out` also writes `train_step.json` and `train_step.png`. Packing of the pruned ViT and of
+the LLM sequences is what turns pruning into time; running the vision blocks' windows as one
+attention call per window length (`batched`, what training uses) rather than transformers'
+one per window (`stock`) is what keeps that time small on the CPU.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--frames", type=int, default=16)
     parser.add_argument("--keep", type=float, nargs="+", default=[1.0, 0.5, 0.3])
+    parser.add_argument(
+        "--blocks", nargs="+", choices=["batched", "stock"], default=["batched", "stock"]
+    )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write train_step.json and train_step.png")
     args = parser.parse_args()
 
     import torch
@@ -35,35 +43,72 @@ def main() -> None:
     batch = [model.prepare(make_sample(i, "train", args.frames)) for i in range(args.batch_size)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: every repeat is alike
 
-    def step(keep: float) -> int:
+    def step(blocks: str, keep: float) -> int:
+        model.stock_vision_blocks = blocks == "stock"
         out = model(batch, [keep] * len(batch))
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
         return sum(out.video_tokens)
 
-    times: dict[float, list[float]] = {k: [] for k in args.keep}
-    tokens = {k: step(k) for k in args.keep}  # warm-up
+    runs = [(blocks, keep) for blocks in args.blocks for keep in args.keep]
+    times: dict[tuple[str, float], list[float]] = {run: [] for run in runs}
+    tokens = {run: step(*run) for run in runs}  # warm-up
     for _ in range(args.repeats):
-        for keep in args.keep:
+        for run in runs:
             start = time.perf_counter()
-            step(keep)
-            times[keep].append(time.perf_counter() - start)
-    base = statistics.median(times[max(args.keep)])
-    for keep, values in times.items():
-        median = statistics.median(values)
+            step(*run)
+            times[run].append(time.perf_counter() - start)
+    median = {run: statistics.median(values) for run, values in times.items()}
+    rows = []
+    for (blocks, keep), values in times.items():
         record = {
+            "blocks": blocks,
             "batch_size": args.batch_size,
             "frames": args.frames,
             "keep_ratio": keep,
-            "video_tokens": tokens[keep],
-            "step_seconds_median": round(median, 4),
+            "video_tokens": tokens[blocks, keep],
+            "step_seconds_median": round(median[blocks, keep], 4),
             "step_seconds_min": round(min(values), 4),
             "step_seconds_max": round(max(values), 4),
-            "speedup_vs_keep_1": round(base / median, 3),
+            "speedup_vs_keep_1": round(median[blocks, max(args.keep)] / median[blocks, keep], 3),
             "repeats": args.repeats,
         }
+        if ("stock", keep) in median:
+            record["speedup_vs_stock_blocks"] = round(
+                median["stock", keep] / median[blocks, keep], 3
+            )
+        rows.append(record)
         print(json.dumps(record))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train_step.json").write_text(json.dumps(rows, indent=2))
+        plot(rows, args.out / "train_step.png")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    kinds = list(dict.fromkeys(r["blocks"] for r in rows))
+    keeps = list(dict.fromkeys(r["keep_ratio"] for r in rows))
+    width = 0.8 / len(kinds)
+    for i, kind in enumerate(kinds):
+        mine = {r["keep_ratio"]: r for r in rows if r["blocks"] == kind}
+        xs = [j + i * width for j in range(len(keeps))]
+        ax.bar(xs, [mine[k]["step_seconds_median"] for k in keeps], width, label=kind)
+    ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(keeps))])
+    ax.set_xticklabels([f"keep {k}" for k in keeps])
+    ax.set_ylabel("seconds per training step (median)")
+    first = rows[0]
+    ax.set_title(f"{first['batch_size']} samples x {first['frames']} frames; vision blocks")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -41,3 +41,35 @@ def test_bias_channel_keeps_leading_dimensions() -> None:
     q2, k2, v2 = with_key_bias_channel(q, k, v, torch.zeros(9), 0.5)
     assert q2.shape == k2.shape == v2.shape == (1, 9, 2, 8 + BIAS_CHANNELS)
     assert torch.equal(k2[..., 8], torch.zeros(1, 9, 2))  # zero bias: an all-zero channel
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 0, 5, 3, 9, 9], [16, 16, 16], [11]])
+@pytest.mark.parametrize("biased", [False, True])
+def test_varlen_attention_is_block_diagonal_attention(lengths: list[int], biased: bool) -> None:
+    """Sequences batched by length (and the one-length view) give what one attention call
+    with a block-diagonal mask gives, values and gradients, in the packed order."""
+    gen = torch.Generator().manual_seed(1)
+    total, heads, dim, scale = sum(lengths), 2, 8, 0.4
+    q, k, v = (
+        torch.randn(total, heads, dim, generator=gen, dtype=torch.float64).requires_grad_()
+        for _ in "qkv"
+    )
+    bias = (-4 * torch.rand(total, generator=gen, dtype=torch.float64)).requires_grad_()
+    seq = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    mask = torch.where(seq[:, None] == seq[None, :], 0.0, float("-inf")).to(torch.float64)
+    if biased:
+        mask = mask + bias[None, :]
+    reference = F.scaled_dot_product_attention(
+        *(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask, scale=scale
+    ).transpose(0, 1)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    ours = varlen_attention(q, k, v, cu, scale=scale, key_bias=bias if biased else None)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    inputs = (q, k, v, bias) if biased else (q, k, v)
+    weights = torch.randn(ours.shape, generator=gen, dtype=torch.float64)
+    for a, b in zip(
+        torch.autograd.grad((ours * weights).sum(), inputs),
+        torch.autograd.grad((reference * weights).sum(), inputs),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)

@@ -44,25 +44,52 @@ def varlen_attention(
     key_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`q, k, v`: `[S, heads, head_dim]` packed sequences delimited by `cu_seqlens`;
-    `key_bias`: `[S]`, added to every query's logit for that key. Returns `[S, heads, dim]`."""
+    `key_bias`: `[S]`, added to every query's logit for that key. Returns `[S, heads, dim]`.
+
+    Sequences of one length run as one batched SDPA call: a ViT's windows are a few hundred
+    short sequences of a handful of lengths, and one call per sequence made the per-call
+    overhead, forward and backward, most of the attention's time on the CPU."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
         raise ValueError(
             f"cu_seqlens must run from 0 to {q.shape[0]}, got {bounds[0]}..{bounds[-1]}"
         )
-    # split/cat rather than slicing: their backward is one concatenation, where slices would
-    # each scatter into a zero-filled full-size gradient (quadratic in the segment count).
-    lengths = [end - start for start, end in itertools.pairwise(bounds)]
-    biases = [None] * len(lengths) if key_bias is None else key_bias.to(q.dtype).split(lengths)
-    outs = []
-    splits = (q.split(lengths), k.split(lengths), v.split(lengths), biases)
-    for qs, ks, vs, bias in zip(*splits, strict=True):
-        if qs.shape[0] == 0:
-            outs.append(qs)
-            continue
-        mask = None if bias is None else bias.view(1, 1, -1)
-        out = F.scaled_dot_product_attention(
-            qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), attn_mask=mask, scale=scale
-        )
-        outs.append(out.transpose(0, 1))
-    return torch.cat(outs)
+    starts: dict[int, list[int]] = {}
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            starts.setdefault(end - start, []).append(start)
+    bias = None if key_bias is None else key_bias.to(q.dtype)
+    if len(starts) == 1:  # one length (a dense tower's windows): a view, no gather
+        ((length, group),) = starts.items()
+        return _batched(q, k, v, None, len(group), length, bias, scale).flatten(0, 1)
+    rows, outs = [], []
+    for length, group in starts.items():
+        index = (torch.tensor(group)[:, None] + torch.arange(length)).flatten().to(q.device)
+        outs.append(_batched(q, k, v, index, len(group), length, bias, scale).flatten(0, 1))
+        rows.append(index)
+    # Back to the packed order: every row is in exactly one group.
+    return torch.cat(outs)[torch.argsort(torch.cat(rows))]
+
+
+def _batched(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    index: torch.Tensor | None,
+    count: int,
+    length: int,
+    bias: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Attention over `count` sequences of `length` rows each (rows `index`, or all of them
+    in order): `[count, length, heads, dim]`."""
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        x = x if index is None else x[index]
+        return x.reshape(count, length, *x.shape[1:])
+
+    mask = None if bias is None else take(bias).view(count, 1, 1, length)
+    out = F.scaled_dot_product_attention(
+        *(take(x).transpose(1, 2) for x in (q, k, v)), attn_mask=mask, scale=scale
+    )
+    return out.transpose(1, 2)

@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
@@ -28,17 +29,25 @@ PrunedVisionOutput = PrunedTower  # the training code's name for the driver's ou
 
 
 class _HFTower:
-    """What transformers' Qwen towers share: blocks called with `cu_seqlens` and
-    `position_embeddings=(cos, sin)`, one attention layout for all blocks."""
+    """What transformers' Qwen towers share: blocks of norm, attention (`qkv`, `proj`) with
+    `cu_seqlens` and `position_embeddings=(cos, sin)`, norm, MLP; one attention layout for
+    all blocks.
+
+    The blocks run here, on the blocks' own weights, with `varlen_attention` (one SDPA call
+    per window length) and the patch embedding's stride-equals-kernel Conv3d as the matmul it
+    is: transformers' SDPA path runs one attention call per window, and the two together were
+    half of a training step on the CPU. `stock_blocks` runs transformers' own modules instead
+    (the reference the tests and `bench/train_step.py` compare with)."""
 
     taps: Sequence[int] = ()
     window: int | None = None
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, stock_blocks: bool = False) -> None:
         self.visual = visual
         self.unit_size = visual.spatial_merge_unit
         self.merge = visual.spatial_merge_size
         self.depth = len(visual.blocks)
+        self.stock_blocks = stock_blocks
 
     def _cu(self, index: int, packed: PackedUnits) -> torch.Tensor:
         return packed.cu_seqlens
@@ -49,9 +58,18 @@ class _HFTower:
     def layout(self, packed: PackedUnits) -> PackedUnits:
         return packed
 
+    def patch_embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        embed = self.visual.patch_embed
+        if self.stock_blocks:
+            return embed(pixels)
+        weight = embed.proj.weight
+        return F.linear(pixels.to(weight.dtype), weight.flatten(1), embed.proj.bias)
+
     def run_block(self, index: int, hidden: torch.Tensor, rotary: Rotary, layout: Any) -> Any:
         cu = self._cu(index, layout)
-        return self.visual.blocks[index](hidden, cu_seqlens=cu, position_embeddings=rotary)
+        if self.stock_blocks:
+            return self.visual.blocks[index](hidden, cu_seqlens=cu, position_embeddings=rotary)
+        return self._block(index, hidden, rotary, cu, None)
 
     def run_biased_block(
         self,
@@ -61,15 +79,24 @@ class _HFTower:
         packed: PackedUnits,
         bias: torch.Tensor,
     ) -> torch.Tensor:
+        return self._block(index, hidden, rotary, self._cu(index, packed), bias)
+
+    def _block(
+        self,
+        index: int,
+        hidden: torch.Tensor,
+        rotary: Rotary,
+        cu: torch.Tensor,
+        bias: torch.Tensor | None,
+    ) -> torch.Tensor:
         block = self.visual.blocks[index]
         attn = block.attn
         x = block.norm1(hidden)
         qkv = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1)
         q, k, v = qkv.permute(1, 0, 2, 3).unbind(0)
         q, k = apply_rotary_pos_emb_vision(q, k, *rotary)
-        out = varlen_attention(
-            q, k, v, self._cu(index, packed), scale=attn.scaling, key_bias=bias.to(hidden.dtype)
-        )
+        key_bias = None if bias is None else bias.to(hidden.dtype)
+        out = varlen_attention(q, k, v, cu, scale=attn.scaling, key_bias=key_bias)
         hidden = hidden + attn.proj(out.reshape(x.shape[0], -1))
         return hidden + block.mlp(block.norm2(hidden))
 
@@ -83,8 +110,10 @@ class _HFTower:
 class HFQwen2_5_VLTower(_HFTower):
     """transformers' Qwen2.5-VL tower: window order, full attention in a few blocks."""
 
-    def __init__(self, visual: Qwen2_5_VisionTransformerPretrainedModel) -> None:
-        super().__init__(visual)
+    def __init__(
+        self, visual: Qwen2_5_VisionTransformerPretrainedModel, stock_blocks: bool = False
+    ) -> None:
+        super().__init__(visual, stock_blocks)
         self.window = visual.window_size // self.merge // visual.patch_size
         self.full_blocks = set(visual.fullatt_block_indexes)
 
@@ -93,7 +122,7 @@ class HFQwen2_5_VLTower(_HFTower):
 
     def embed(self, pixels: torch.Tensor, plan: PruningPlan) -> tuple[torch.Tensor, Rotary, Any]:
         visual = self.visual
-        hidden = visual.patch_embed(pixels)
+        hidden = self.patch_embed(pixels)
         seq_len, dim = hidden.shape
         window_index = plan.dense.window_index.to(hidden.device)
         grid = torch.tensor(plan.grid_thw, device=hidden.device)
@@ -110,8 +139,8 @@ class HFQwen3_VLTower(_HFTower):
     """transformers' Qwen3-VL tower: no windows, learned absolute position embeddings
     (interpolated), deepstack mergers on a few blocks."""
 
-    def __init__(self, visual: Any) -> None:
-        super().__init__(visual)
+    def __init__(self, visual: Any, stock_blocks: bool = False) -> None:
+        super().__init__(visual, stock_blocks)
         self.taps = tuple(visual.deepstack_visual_indexes)
 
     def embed(self, pixels: torch.Tensor, plan: PruningPlan) -> tuple[torch.Tensor, Rotary, Any]:
@@ -126,17 +155,17 @@ class HFQwen3_VLTower(_HFTower):
             align_corners=visual.interpolation_align_corners,
             spatial_merge_size=self.merge,
         )
-        hidden = visual.patch_embed(pixels)
+        hidden = self.patch_embed(pixels)
         pos_embeds = (visual.pos_embed(indices) * weights[:, :, None]).sum(1)
         hidden = hidden + pos_embeds.to(hidden.dtype)
         rotary = visual.rotary_pos_emb(hidden, hf.get_vision_position_ids(grid, self.merge))
         return hidden.reshape(hidden.shape[0], -1), tuple(rotary), plan.dense
 
 
-def tower_adapter(visual: nn.Module) -> _HFTower:
+def tower_adapter(visual: nn.Module, stock_blocks: bool = False) -> _HFTower:
     if hasattr(visual, "deepstack_merger_list"):
-        return HFQwen3_VLTower(visual)
-    return HFQwen2_5_VLTower(visual)
+        return HFQwen3_VLTower(visual, stock_blocks)
+    return HFQwen2_5_VLTower(visual, stock_blocks)
 
 
 def pruned_vision_forward(
@@ -149,10 +178,11 @@ def pruned_vision_forward(
     scorer: nn.Module | None,
     selection: str = "global",
     explore: float = 0.0,
+    stock_blocks: bool = False,
 ) -> PrunedTower:
     """Encode video items with STTS, returning the temporal targets the loss needs; an item
     with keep ratio 1.0 is encoded exactly as the stock tower would. `explore` > 0 draws the
     learned scorer's kept sets (see `sample_retention`)."""
-    adapter = tower_adapter(visual)
+    adapter = tower_adapter(visual, stock_blocks)
     plan = plan_pruning(adapter, grid_thw, keep_ratios, config, selection, explore)
     return run_pruned_tower(adapter, plan, pixel_values, scorer, want_targets=True)

@@ -136,6 +136,8 @@ class STTSVideoQAModel(nn.Module):
         self.tokens_per_second = getattr(vision, "tokens_per_second", 1.0)
         self.text_width = hf.config.text_config.hidden_size
         self.row_tokens = 1024
+        # transformers' own vision blocks instead of the driver's batched ones (a reference)
+        self.stock_vision_blocks = False
 
     # -- loading and saving --
 
@@ -280,6 +282,7 @@ class STTSVideoQAModel(nn.Module):
             scorer=self.scorer,
             selection=self.stts.selection,
             explore=explore,
+            stock_blocks=self.stock_vision_blocks,
         )
         embed = self.hf.model.get_input_embeddings()
         segments: list[Segment] = []

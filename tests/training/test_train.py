@@ -192,6 +192,44 @@ def test_a_curriculum_mix_reports_validation_accuracy_per_task(
     assert not any("/" in k for k in read_log(smoke_run)[-1])
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+def test_the_batched_vision_blocks_are_transformers_blocks(tmp_path: Path, family: str) -> None:
+    """Training runs the tower's blocks itself (windows batched by length, the patch
+    embedding as a matmul); pruned to mixed window lengths, it gives transformers' own
+    modules' embeddings and the scorer's gradient. (Not sample 3: on its flat background the
+    fresh scorer's scores tie at 0.5001, and float noise of 1e-7 flips which units are kept.)"""
+    ckpt = make_demo(tmp_path / "m", scorer="learned", family=family)
+    model = STTSVideoQAModel.from_checkpoint(ckpt)
+    items = [model.prepare(make_sample(s, "train")) for s in (4, 5)]
+    visual = model.hf.model.visual
+    pixels = torch.cat([item.pixel_values for item in items])
+    results = []
+    for stock in (True, False):
+        model.scorer.zero_grad()
+        out = pruned_vision_forward(
+            visual,
+            pixels,
+            [item.grid for item in items],
+            [0.5, 0.3],
+            config=model.stts,
+            scorer=model.scorer,
+            stock_blocks=stock,
+        )
+        torch.cat(out.embeds).square().sum().backward()
+        grads = [p.grad.clone() for p in model.scorer.parameters()]
+        results.append((out.embeds, out.keep_masks, grads))
+    (stock_embeds, stock_masks, stock_grads), (embeds, masks, grads) = results
+    assert all(torch.equal(a, b) for a, b in zip(stock_masks, masks, strict=True))
+    for a, b in zip(stock_embeds, embeds, strict=True):
+        assert float((a - b).norm()) <= 1e-5 * float(b.norm())
+    # Relative to the largest gradient: the score head's bias is a shift every key of a window
+    # shares, so softmax cancels it and its gradient (norm ~1e-4, against ~1e4) is float noise.
+    largest = max(float(g.norm()) for g in stock_grads)
+    assert largest > 1
+    for a, b in zip(stock_grads, grads, strict=True):
+        assert float((a - b).norm()) <= 1e-4 * largest
+
+
 def test_until_stops_a_stage_once_its_task_is_learned_and_a_resume_keeps_it_stopped(
     smoke_run: Path, tmp_path: Path
 ) -> None:

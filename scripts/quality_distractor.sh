@@ -38,6 +38,7 @@
 # 26 of exploring again.
 set -euo pipefail -o noglob  # task lists like [direction] are not globs
 cd "$(dirname "$0")/.."
+source scripts/stage.sh
 cli=.venv/bin/stts-vllm
 bases=artifacts/quality-distractor
 root=$bases
@@ -57,16 +58,6 @@ curriculum=(
   "count-changed 26 --steps 500 --lr 0.001 --tasks [count,count,count,changed,direction]"
   "mix-changed 27 --steps 500 --lr 0.0003 --tasks [changed,changed,changed,count,count,direction,color,order,flash,distractor]"
 )
-
-# stage OUT INIT SEED ARGS...: train OUT from INIT's checkpoint unless OUT already has one.
-stage() {
-  local out=$1 init=$2 seed=$3
-  shift 3
-  [[ -f $out/checkpoint/config.json ]] && return 0
-  local from=()
-  [[ -n $init ]] && from=(--init "$init/checkpoint")
-  "$cli" train "$out" "${from[@]}" --seed "$seed" "$@" --resume true
-}
 
 seeds=${SEEDS:-0 1 2}
 for s in $seeds; do

@@ -8,6 +8,7 @@
 # evaluation per seed on 2 CPU cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/stage.sh
 cli=.venv/bin/stts-vllm
 knobs=(--steps 400 --warmup 20 --lr 0.0003 --explore 1 --policy-weight 2 --answer-loss-on top_k)
 for s in 0 1 2; do
@@ -16,9 +17,6 @@ for s in 0 1 2; do
     "$cli" train "$base" --seed "$s" --text-layers 4 --steps 1200
     "$cli" train "$base" --seed "$s" --text-layers 4 --steps 2400 --resume true
   fi
-  run=artifacts/quality-explore/seed-$s
-  if [[ ! -f $run/checkpoint/config.json ]]; then
-    "$cli" train "$run" --init "$base/checkpoint" --seed $((6 + s)) "${knobs[@]}" --resume true
-  fi
+  stage artifacts/quality-explore/seed-$s "$base" $((6 + s)) "${knobs[@]}"
 done
 "$cli" quality artifacts/quality-explore --seeds '[0,1,2]' "${knobs[@]}"

@@ -73,3 +73,9 @@ def test_varlen_attention_is_block_diagonal_attention(lengths: list[int], biased
         strict=True,
     ):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_varlen_attention_of_nothing_is_empty() -> None:
+    q = k = torch.zeros(0, 2, 8)
+    v = torch.zeros(0, 2, 4)
+    assert varlen_attention(q, k, v, torch.tensor([0, 0])).shape == (0, 2, 4)

@@ -47,8 +47,8 @@ def varlen_attention(
     `key_bias`: `[S]`, added to every query's logit for that key. Returns `[S, heads, dim]`.
 
     Sequences of one length run as one batched SDPA call: a ViT's windows are a few hundred
-    short sequences of a handful of lengths, and one call per sequence made the per-call
-    overhead, forward and backward, most of the attention's time on the CPU."""
+    short sequences of a handful of lengths, and one call per sequence pays the per-call
+    overhead hundreds of times per block, forward and backward (`bench/train_step.py`)."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
         raise ValueError(
@@ -59,6 +59,8 @@ def varlen_attention(
         if end > start:
             starts.setdefault(end - start, []).append(start)
     bias = None if key_bias is None else key_bias.to(q.dtype)
+    if not starts:  # nothing to attend over
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
     if len(starts) == 1:  # one length (a dense tower's windows): a view, no gather
         ((length, group),) = starts.items()
         return _batched(q, k, v, None, len(group), length, bias, scale).flatten(0, 1)

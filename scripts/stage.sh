@@ -1,0 +1,12 @@
+# Sourced by the quality scripts: one training stage that a stopped run skips or continues.
+# stage OUT INIT SEED ARGS...: `stts-vllm train OUT` from INIT's checkpoint (none: a fresh
+# demo) unless OUT already has a whole checkpoint (train renames it into place when done),
+# resuming OUT/last if a stopped run left one.
+stage() {
+  local out=$1 init=$2 seed=$3
+  shift 3
+  [[ -f $out/checkpoint/config.json ]] && return 0
+  local from=()
+  [[ -n $init ]] && from=(--init "$init/checkpoint")
+  .venv/bin/stts-vllm train "$out" "${from[@]}" --seed "$seed" "$@" --resume true
+}

@@ -20,8 +20,8 @@
 #   4b. changed twice in three (direction the third), 500 steps at lr 5e-4 (stays at chance,
 #       but 4c needs it: changed only straight after 4a stayed at chance for 500 steps);
 #   4c. changed only at lr 1e-3 until 80% of the val changed clips are right, at most 1500
-#       steps (seed 0 left chance after ~200 steps, seed 1 after ~600: a fixed 500 fitted
-#       seed 0 only; seed 0's figures in the README come from that fixed 500);
+#       steps (seed 0 left chance after ~200 steps; seed 1's first run after ~600, its second
+#       not in 1166: a fixed 500 fitted seed 0 only; seed 0's README figures come from it);
 #   4d. every task, the three above twice, 400 steps at lr 3e-4: brings back what the
 #       single-task stages made the model forget (and teaches the distractor: 99% at keep 1.0);
 #   4e. the mix with count three times in ten and changed twice, 500 steps at lr 5e-4 (a

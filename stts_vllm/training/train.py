@@ -287,12 +287,12 @@ def train(config: TrainConfig) -> Path:
             )
         if learned:
             record["until_met"] = True
+            stopped = step + 1
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps or learned:
-            _save_state(model, optimizer, step + 1, out / "last", Path(config.init), learned)
+            _save_state(model, optimizer, step + 1, out / "last", Path(config.init), stopped)
         if learned:
-            stopped = step + 1
             logger.info("stopping at step %d: %s reached", stopped, config.until)
             break
     log.close()
@@ -322,7 +322,7 @@ def write_dir_atomically(where: Path, write: Callable[[Path], object]) -> Path:
 
 
 def _save_state(
-    model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path, learned: bool
+    model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path, stopped: int | None
 ) -> None:
     """`stopped` is the step where `until` was met (None: not met), so a resumed run that had
     stopped early ends at once instead of training on to `steps`."""
@@ -330,6 +330,6 @@ def _save_state(
     def write(tmp: Path) -> None:
         model.save(tmp, source)
         state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
-        torch.save(state | {"stopped": step if learned else None}, tmp / STATE_FILE)
+        torch.save(state | {"stopped": stopped}, tmp / STATE_FILE)
 
     write_dir_atomically(where, write)

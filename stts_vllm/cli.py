@@ -21,8 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from stts_vllm.training.config import TrainConfig, check_exploration
-from stts_vllm.training.videoqa import TASKS
+from stts_vllm.training.config import TRAINABLE, TrainConfig, check_exploration
 
 
 class MakeDemo(BaseModel):
@@ -148,7 +147,7 @@ class TrainingKnobs(BaseModel):
         description="with --policy-weight: the kept sets whose answer loss trains the model, "
         "the drawn ones or the top-k (the draws then only reward the scorer)",
     )
-    tasks: list[Literal[*TASKS]] = Field(  # type: ignore[valid-type]
+    tasks: list[Literal[*TRAINABLE]] = Field(  # type: ignore[valid-type]
         list(TrainConfig.tasks),
         min_length=1,
         description="the training mix: the batch cycles through these tasks; list one twice "
@@ -179,7 +178,7 @@ class Train(TrainingKnobs):
         None, ge=1, description="the fresh demo's LLM depth (default: the serving demo's)"
     )
     mode: Literal["scratch", "scorer", "scorer+llm"] = TrainConfig.mode
-    until: dict[Literal[*TASKS], float] = Field(  # type: ignore[valid-type]
+    until: dict[Literal[*TRAINABLE], float] = Field(  # type: ignore[valid-type]
         {},
         description="stop at the first evaluation where each named task's keep-1.0 val "
         "accuracy reaches its value, e.g. changed=0.85 (--steps is then a cap): a stage that "

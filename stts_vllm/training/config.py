@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stts_vllm.training.videoqa import TASKS
+from stts_vllm.training.videoqa import TASKS, WARMUPS
+
+TRAINABLE = (*TASKS, *WARMUPS)  # what a training mix may ask: the tasks and their warm-ups
 
 
 @dataclass
@@ -53,16 +55,16 @@ class TrainConfig:
         self.keep_ratios = tuple(self.keep_ratios)
         self.frames = tuple(self.frames)
         self.tasks = tuple(self.tasks)
-        unknown = sorted(set(self.tasks) - set(TASKS))
+        unknown = sorted(set(self.tasks) - set(TRAINABLE))
         check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
         if not self.tasks or unknown:
-            raise ValueError(f"tasks must be a non-empty list from {list(TASKS)}, got {unknown}")
+            raise ValueError(f"tasks must be a non-empty list from {TRAINABLE}, got {unknown}")
         self.until = dict(self.until)
-        unknown = sorted(set(self.until) - set(TASKS))
+        unknown = sorted(set(self.until) - set(TRAINABLE))
         bars = [bar for bar in self.until.values() if not 0.0 <= bar <= 1.0]
         if unknown or bars:
             raise ValueError(
-                f"until maps tasks from {list(TASKS)} to accuracies in [0, 1], got {self.until}"
+                f"until maps tasks from {TRAINABLE} to accuracies in [0, 1], got {self.until}"
             )
 
 

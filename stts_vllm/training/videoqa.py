@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -183,7 +184,14 @@ def _count(rng, frames):
     return f"How many times does a {color} {shape} flash?", COUNTS[count - 1]
 
 
-def _changed(rng, frames):
+def _changed(rng, frames, period: int | None = None, alone: bool = False):
+    """Two shapes, one changes colour once. The training-only warm-ups (`WARMUPS`) make the
+    change louder. With a `period` the moved one swaps its two colours every `period` frames
+    from the first: 1 puts both colours into every temporal patch of its units (a cue one
+    token holds), 2 makes every pair of neighbouring temporal steps differ (a cue across time
+    that many token pairs repeat). `alone` leaves the still shape out, so the answer is the
+    side of the only shape there is. The draws are the same, so a warm-up clip is its plain
+    clip with a louder change."""
     n = len(frames)
     size = int(rng.integers(22, 33))
     y = int(rng.integers(0, SIZE - size + 1))
@@ -194,13 +202,18 @@ def _changed(rng, frames):
     change = int(rng.integers(2, n - 2))
     shape = str(rng.choice(["square", "circle"]))
     for i, frame in enumerate(frames):
-        moved = before if i < change else after
+        first = i < change if period is None else (i // period) % 2 == 0
+        moved = before if first else after
         left_color, right_color = (moved, other) if side == "left" else (other, moved)
-        _draw(frame, shape, y, left_x, size, left_color)
-        _draw(frame, shape, y, right_x, size, right_color)
+        if not alone or side == "left":
+            _draw(frame, shape, y, left_x, size, left_color)
+        if not alone or side == "right":
+            _draw(frame, shape, y, right_x, size, right_color)
     moved_x, still_x = (left_x, right_x) if side == "left" else (right_x, left_x)
     meta = {
-        "change": change,  # the first frame in the new colour
+        "change": change if period is None else None,  # the first frame in the new colour
+        "period": period,
+        "alone": alone,
         "moved": {"box": (y, moved_x, size), "units": _units_of(y, moved_x, size)},
         "still": {"box": (y, still_x, size), "units": _units_of(y, still_x, size)},
         "colors": (before, after, other),
@@ -269,6 +282,17 @@ def _distractor(rng, frames):
     return f"What color is the small {shape}?", color, meta
 
 
+# Training-only louder forms of a task, for a curriculum (README, "Warm-ups for changed"): the
+# small LLM stays at chance on plain `changed` for hundreds of steps however it is started,
+# and a warm-up is the same question where the evidence is everywhere. Never in `TASKS`, so
+# the test split's cycle never asks one; any mixed split answers one by name (val, to tell
+# when it is learned).
+WARMUPS = {
+    "changed-flicker": partial(_changed, period=1),
+    "changed-steps": partial(_changed, period=2),
+    "changed-alone": partial(_changed, alone=True),
+}
+
 _MAKERS = {
     "color": _color,
     "direction": _direction,
@@ -277,6 +301,7 @@ _MAKERS = {
     "changed": _changed,
     "flash": _flash,
     "distractor": _distractor,
+    **WARMUPS,
 }
 
 
@@ -285,14 +310,15 @@ def make_sample(
 ) -> VideoQA:
     """Sample `seed` of `split`; the same arguments always give the same pixels. The task
     cycles with the seed through `TASKS` unless `task` names one (a training mix that
-    weights some tasks, for instance); the `long` and `distractor` splits have their own."""
+    weights some tasks, or a warm-up from `WARMUPS`); the `long` and `distractor` splits
+    have their own."""
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     if num_frames < 8 or num_frames % 2:
         raise ValueError(f"num_frames must be an even number >= 8, got {num_frames}")
-    if task is not None and (task not in TASKS or split in ("long", "distractor")):
+    if task is not None and (task not in _MAKERS or split in ("long", "distractor")):
         raise ValueError(
-            f"task must be one of {list(TASKS)} on a mixed split, got {task!r} on {split!r}"
+            f"task must be one of {list(_MAKERS)} on a mixed split, got {task!r} on {split!r}"
         )
     rng = np.random.default_rng(SPLIT_SEEDS[split] + seed)
     frames = _backgrounds(rng, num_frames).copy()

@@ -268,6 +268,17 @@ def test_until_refuses_unknown_tasks_and_bars_outside_0_1(until: dict) -> None:
         TrainConfig(init=Path("i"), out=Path("o"), until=until)
 
 
+def test_a_mix_and_until_may_name_a_warmup() -> None:
+    config = TrainConfig(
+        init=Path("i"),
+        out=Path("o"),
+        batch_size=4,
+        tasks=("changed-flicker", "changed"),
+        until={"changed-flicker": 0.8},
+    )
+    assert [s.task for s in _batch(_Pixels(), 0, config)[0]].count("changed-flicker") == 2
+
+
 def test_an_unknown_or_empty_mix_is_refused() -> None:
     with pytest.raises(ValueError, match="tasks"):
         TrainConfig(init=Path("i"), out=Path("o"), tasks=("colour",))

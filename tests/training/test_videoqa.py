@@ -10,6 +10,7 @@ from stts_vllm.training.videoqa import (
     SIZE,
     TASKS,
     UNIT,
+    WARMUPS,
     answer_words,
     make_sample,
     subsample,
@@ -146,3 +147,36 @@ def test_changed_answer_is_the_shape_its_metadata_says_changes(seed: int) -> Non
         assert ((y + size - 1) // UNIT, (x + size - 1) // UNIT) in meta[key]["units"]
     moved_x, still_x = meta["moved"]["box"][1], meta["still"]["box"][1]
     assert s.answer == ("left" if moved_x < still_x else "right")
+
+
+@pytest.mark.parametrize("task", sorted(WARMUPS))
+@pytest.mark.parametrize("frames", [8, 16])
+def test_changed_warmups_are_their_plain_clip_with_a_louder_change(task: str, frames: int) -> None:
+    """A warm-up is its plain clip with a louder change: the same shapes, places and answer;
+    the moved shape swaps its two colours every `period` frames from the first (or changes
+    once, as in the plain clip), and the still one is as it was, or absent (`alone`)."""
+    for seed in range(4):
+        plain, warm = (make_sample(seed, "val", frames, t) for t in ("changed", task))
+        assert warm.task == task and (warm.question, warm.answer) == (plain.question, plain.answer)
+        period, change = warm.meta["period"], warm.meta["change"]
+        assert (period is None) == (change == plain.meta["change"])
+        before, after, other = (COLORS[c] for c in warm.meta["colors"])
+        y, x, size = warm.meta["moved"]["box"]
+        centre = [tuple(c) for c in warm.frames[:, y + size // 2, x + size // 2].astype(int)]
+        first = [i < change if period is None else (i // period) % 2 == 0 for i in range(frames)]
+        assert centre == [before if f else after for f in first]
+        y, x, size = warm.meta["still"]["box"]
+        still = warm.frames[:, y + size // 2, x + size // 2]
+        if warm.meta["alone"]:
+            assert (np.ptp(still.astype(int), axis=-1) == 0).all()  # grey: background only
+        else:
+            assert {tuple(c) for c in still} == {other}
+        assert warm.meta["moved"] == plain.meta["moved"]
+        assert warm.meta["still"] == plain.meta["still"]
+
+
+def test_warmups_never_come_up_in_the_cycle() -> None:
+    tasks = {make_sample(i, "test").task for i in range(3 * len(TASKS))}
+    assert tasks == set(TASKS) and not tasks & set(WARMUPS)
+    with pytest.raises(ValueError, match="task"):
+        make_sample(0, "distractor", task="changed-flicker")

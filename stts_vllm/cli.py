@@ -21,7 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from stts_vllm.training.config import TRAINABLE, TrainConfig, check_exploration
+from stts_vllm.training.config import TrainConfig, check_exploration
+from stts_vllm.training.videoqa import TRAINABLE
 
 
 class MakeDemo(BaseModel):

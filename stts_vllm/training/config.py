@@ -7,9 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from stts_vllm.training.videoqa import TASKS, WARMUPS
-
-TRAINABLE = (*TASKS, *WARMUPS)  # what a training mix may ask: the tasks and their warm-ups
+from stts_vllm.training.videoqa import TASKS, TRAINABLE
 
 
 @dataclass

@@ -201,15 +201,12 @@ def _changed(rng, frames, period: int | None = None, alone: bool = False):
     side = str(rng.choice(["left", "right"]))
     change = int(rng.integers(2, n - 2))
     shape = str(rng.choice(["square", "circle"]))
-    for i, frame in enumerate(frames):
-        first = i < change if period is None else (i // period) % 2 == 0
-        moved = before if first else after
-        left_color, right_color = (moved, other) if side == "left" else (other, moved)
-        if not alone or side == "left":
-            _draw(frame, shape, y, left_x, size, left_color)
-        if not alone or side == "right":
-            _draw(frame, shape, y, right_x, size, right_color)
     moved_x, still_x = (left_x, right_x) if side == "left" else (right_x, left_x)
+    for i, frame in enumerate(frames):  # the two boxes never overlap: drawing order is moot
+        first = i < change if period is None else (i // period) % 2 == 0
+        _draw(frame, shape, y, moved_x, size, before if first else after)
+        if not alone:
+            _draw(frame, shape, y, still_x, size, other)
     meta = {
         "change": change if period is None else None,  # the first frame in the new colour
         "period": period,
@@ -303,6 +300,7 @@ _MAKERS = {
     "distractor": _distractor,
     **WARMUPS,
 }
+TRAINABLE = tuple(_MAKERS)  # what a training mix may name: the tasks and their warm-ups
 
 
 def make_sample(
@@ -316,9 +314,9 @@ def make_sample(
         raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     if num_frames < 8 or num_frames % 2:
         raise ValueError(f"num_frames must be an even number >= 8, got {num_frames}")
-    if task is not None and (task not in _MAKERS or split in ("long", "distractor")):
+    if task is not None and (task not in TRAINABLE or split in ("long", "distractor")):
         raise ValueError(
-            f"task must be one of {list(_MAKERS)} on a mixed split, got {task!r} on {split!r}"
+            f"task must be one of {list(TRAINABLE)} on a mixed split, got {task!r} on {split!r}"
         )
     rng = np.random.default_rng(SPLIT_SEEDS[split] + seed)
     frames = _backgrounds(rng, num_frames).copy()

@@ -185,6 +185,11 @@ class Train(TrainingKnobs):
         "accuracy reaches its value, e.g. changed=0.85 (--steps is then a cap): a stage that "
         "runs until its task is learned, however long the plateau before it lasts",
     )
+    until_evals: int = Field(
+        TrainConfig.until_evals,
+        ge=1,
+        description="--until's bars must hold at this many evaluations in a row",
+    )
     eval_every: int = TrainConfig.eval_every
     eval_samples: int = TrainConfig.eval_samples
     save_every: int = TrainConfig.save_every

@@ -41,6 +41,10 @@ class TrainConfig:
     # after a plateau whose length varies from seed to seed and run to run (README, "A
     # curriculum ..."), so a fixed step count fits one run only.
     until: dict[str, float] = field(default_factory=dict)
+    # ... held at this many evaluations in a row: a plateau's first climb can cross the bar
+    # once and fall back (loss still near chance), and a later stage then starts on a task
+    # that is not yet learned.
+    until_evals: int = 1
     eval_every: int = 250
     eval_samples: int = 100
     save_every: int = 250
@@ -64,6 +68,8 @@ class TrainConfig:
             raise ValueError(
                 f"until maps tasks from {TRAINABLE} to accuracies in [0, 1], got {self.until}"
             )
+        if self.until_evals < 1:
+            raise ValueError(f"until_evals must be at least 1, got {self.until_evals}")
 
 
 def check_exploration(explore: float, policy_weight: float, answer_loss_on: str) -> None:

@@ -226,14 +226,14 @@ def train(config: TrainConfig) -> Path:
         group["lr"] = config.scorer_lr if group["name"] == "scorer" else config.lr
         group["base_lr"] = group["lr"]
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
-    start, stopped = 0, None
+    start, stopped, streak = 0, None, 0
     if source != Path(config.init):
         state = torch.load(state_path, weights_only=False)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", source, start)
-        stopped = state.get("stopped")
+        stopped, streak = state.get("stopped"), state.get("streak", 0)
         if stopped is not None:  # `until` was met: the stage is done, whatever `steps` says
             start = config.steps
     log = (out / LOG_FILE).open("a")
@@ -279,9 +279,13 @@ def train(config: TrainConfig) -> Path:
                 record[f"val_acc@1.0/{task}"] = evaluate(
                     model, "val", config.eval_samples, 1.0, task=task
                 )["accuracy"]
-            learned = bool(config.until) and all(
+            met = bool(config.until) and all(
                 record[f"val_acc@1.0/{task}"] >= least for task, least in config.until.items()
             )
+            streak = streak + 1 if met else 0
+            learned = streak >= config.until_evals
+            if config.until:
+                record["until_streak"] = streak
             bar.write(
                 json.dumps({k: v for k, v in record.items() if "val" in k} | {"step": step + 1})
             )
@@ -291,7 +295,9 @@ def train(config: TrainConfig) -> Path:
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps or learned:
-            _save_state(model, optimizer, step + 1, out / "last", Path(config.init), stopped)
+            _save_state(
+                model, optimizer, step + 1, out / "last", Path(config.init), stopped, streak
+            )
         if learned:
             logger.info("stopping at step %d: %s reached", stopped, config.until)
             break
@@ -322,14 +328,21 @@ def write_dir_atomically(where: Path, write: Callable[[Path], object]) -> Path:
 
 
 def _save_state(
-    model: STTSVideoQAModel, optimizer, step: int, where: Path, source: Path, stopped: int | None
+    model: STTSVideoQAModel,
+    optimizer,
+    step: int,
+    where: Path,
+    source: Path,
+    stopped: int | None,
+    streak: int,
 ) -> None:
     """`stopped` is the step where `until` was met (None: not met), so a resumed run that had
-    stopped early ends at once instead of training on to `steps`."""
+    stopped early ends at once instead of training on to `steps`; `streak` counts the
+    evaluations in a row that met it so far, so a resume keeps counting."""
 
     def write(tmp: Path) -> None:
         model.save(tmp, source)
         state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
-        torch.save(state | {"stopped": stopped}, tmp / STATE_FILE)
+        torch.save(state | {"stopped": stopped, "streak": streak}, tmp / STATE_FILE)
 
     write_dir_atomically(where, write)

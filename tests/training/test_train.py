@@ -262,10 +262,38 @@ def test_until_stops_a_stage_once_its_task_is_learned_and_a_resume_keeps_it_stop
     assert json.loads((out / "train_config.json").read_text())["stopped"] is None
 
 
+def test_until_evals_needs_the_bar_held_at_that_many_evaluations_in_a_row(
+    smoke_run: Path, tmp_path: Path
+) -> None:
+    """`until_evals=2`: a bar every evaluation meets stops the run at the second one (step 4
+    of 8, not 2); a run stopped at step 2 by `save_every` and resumed keeps its count, so it
+    stops at step 4 as well."""
+    steps = SMOKE | {"steps": 8, "batch_size": 2, "eval_every": 2, "eval_samples": 3}
+    stage = dict(init=smoke_run / "checkpoint", frames=(16,), until={"changed": 0.0}, **steps)
+    out = tmp_path / "twice"
+    train(TrainConfig(**stage, out=out, until_evals=2))
+    log = read_log(out)
+    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r.get("until_streak") for r in log] == [None, 1, None, 2]
+    assert json.loads((out / "train_config.json").read_text())["stopped"] == 4
+
+    out = tmp_path / "resumed"
+    train(TrainConfig(**stage | {"steps": 2}, out=out, until_evals=3))  # 1 of 3 met, saved
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=False)["streak"] == 1
+    train(TrainConfig(**stage, out=out, until_evals=3, resume=True))
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6]
+    assert read_log(out)[-1]["until_streak"] == 3
+
+
 @pytest.mark.parametrize("until", [{"colour": 0.5}, {"changed": 1.5}, {"changed": -0.1}])
 def test_until_refuses_unknown_tasks_and_bars_outside_0_1(until: dict) -> None:
     with pytest.raises(ValueError, match="until"):
         TrainConfig(init=Path("i"), out=Path("o"), until=until)
+
+
+def test_until_evals_refuses_less_than_one() -> None:
+    with pytest.raises(ValueError, match="until_evals"):
+        TrainConfig(init=Path("i"), out=Path("o"), until={"changed": 0.5}, until_evals=0)
 
 
 def test_a_mix_and_until_may_name_a_warmup() -> None:

@@ -266,8 +266,8 @@ def test_until_evals_needs_the_bar_held_at_that_many_evaluations_in_a_row(
     smoke_run: Path, tmp_path: Path
 ) -> None:
     """`until_evals=2`: a bar every evaluation meets stops the run at the second one (step 4
-    of 8, not 2); a run stopped at step 2 by `save_every` and resumed keeps its count, so it
-    stops at step 4 as well."""
+    of 8, not 2); a 2-step run (one met evaluation, saved with the state) resumed with
+    `until_evals=3` keeps its count and stops at its third evaluation, step 6."""
     steps = SMOKE | {"steps": 8, "batch_size": 2, "eval_every": 2, "eval_samples": 3}
     stage = dict(init=smoke_run / "checkpoint", frames=(16,), until={"changed": 0.0}, **steps)
     out = tmp_path / "twice"

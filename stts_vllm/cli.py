@@ -196,6 +196,13 @@ class Train(TrainingKnobs):
     seed: int = TrainConfig.seed
     resume: bool = Field(False, description="continue from OUT/last if it exists")
 
+    @model_validator(mode="after")
+    def _until_evals_needs_until(self) -> Train:
+        # Refused before a fresh demo is built under OUT; the config checks it again.
+        if self.until_evals > 1 and not self.until:
+            raise ValueError(f"--until-evals {self.until_evals} needs --until (the bars to hold)")
+        return self
+
     def cli_cmd(self) -> None:
         import logging
 

@@ -70,6 +70,9 @@ class TrainConfig:
             )
         if self.until_evals < 1:
             raise ValueError(f"until_evals must be at least 1, got {self.until_evals}")
+        if self.until_evals > 1 and not self.until:
+            # Without bars nothing is counted: the run would silently go to `steps`.
+            raise ValueError(f"until_evals={self.until_evals} needs until (the bars to hold)")
 
 
 def check_exploration(explore: float, policy_weight: float, answer_loss_on: str) -> None:

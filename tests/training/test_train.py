@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read_config
+from stts_vllm.cli import Train
 from stts_vllm.core import retention_mask, sample_retention
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.model import STTSVideoQAModel
@@ -294,6 +296,17 @@ def test_until_refuses_unknown_tasks_and_bars_outside_0_1(until: dict) -> None:
 def test_until_evals_refuses_less_than_one() -> None:
     with pytest.raises(ValueError, match="until_evals"):
         TrainConfig(init=Path("i"), out=Path("o"), until={"changed": 0.5}, until_evals=0)
+
+
+def test_until_evals_without_until_is_refused(tmp_path: Path) -> None:
+    """More than one evaluation in a row with no bars to hold would run to `steps` silently;
+    the CLI's model refuses it before `cli_cmd` builds a fresh demo under OUT."""
+    with pytest.raises(ValueError, match="needs until"):
+        TrainConfig(init=Path("i"), out=Path("o"), until_evals=2)
+    TrainConfig(init=Path("i"), out=Path("o"), until_evals=1)  # the default stays accepted
+    with pytest.raises(ValidationError, match="needs --until"):
+        Train(out=tmp_path / "run", until_evals=2)
+    Train(out=tmp_path / "run", until={"changed": 0.8}, until_evals=2)
 
 
 def test_a_mix_and_until_may_name_a_warmup() -> None:

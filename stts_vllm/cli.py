@@ -132,6 +132,12 @@ class TrainingKnobs(BaseModel):
         description="each training item's keep ratio is drawn from these; only items below "
         "1.0 pass the answer's gradient to the scorer",
     )
+    frames: list[int] = Field(
+        list(TrainConfig.frames),
+        min_length=1,
+        description="frames per training clip (even, at least 8), drawn per step from these; "
+        "list one twice to draw it twice as often",
+    )
     explore: float = Field(
         TrainConfig.explore,
         ge=0,
@@ -203,6 +209,10 @@ class Train(TrainingKnobs):
             raise ValueError(f"--until-evals {self.until_evals} needs --until (the bars to hold)")
         return self
 
+    def config(self, init: Path) -> TrainConfig:
+        fields = self.model_dump(exclude={"out", "init", "family", "text_layers"})
+        return TrainConfig(init=init, out=self.out, **fields)
+
     def cli_cmd(self) -> None:
         import logging
 
@@ -210,8 +220,7 @@ class Train(TrainingKnobs):
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
         init = self.init or fresh_demo(self.out / "init", self.seed, self.family, self.text_layers)
-        fields = self.model_dump(exclude={"out", "init", "family", "text_layers"})
-        path = train(TrainConfig(init=init, out=self.out, **fields))
+        path = train(self.config(init))
         print(f"trained STTS checkpoint: {path}")
 
 

@@ -57,6 +57,9 @@ class TrainConfig:
         self.keep_ratios = tuple(self.keep_ratios)
         self.frames = tuple(self.frames)
         self.tasks = tuple(self.tasks)
+        if not self.frames or any(f < 8 or f % 2 for f in self.frames):
+            # make_sample's own limit, refused here rather than at the first batch that draws it
+            raise ValueError(f"frames must be even numbers >= 8, got {list(self.frames)}")
         unknown = sorted(set(self.tasks) - set(TRAINABLE))
         check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
         if not self.tasks or unknown:

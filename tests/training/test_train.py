@@ -438,3 +438,14 @@ def test_with_answer_loss_on_top_k_the_draws_train_only_the_scorer(tmp_path: Pat
     llm_top_k, scorer_top_k = grads()
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(llm, llm_top_k, strict=True))
     assert not all(torch.allclose(a, b) for a, b in zip(scorer, scorer_top_k, strict=True))
+
+
+def test_frames_reach_the_config_from_the_cli_and_odd_or_short_clips_are_refused(
+    tmp_path: Path,
+) -> None:
+    config = Train(out=tmp_path / "run", frames=[8, 32, 8]).config(tmp_path / "init")
+    assert config.frames == (8, 32, 8)
+    assert Train(out=tmp_path / "run").config(tmp_path / "init").frames == TrainConfig.frames
+    for bad in ([6], [9], []):
+        with pytest.raises(ValueError, match="frames"):
+            TrainConfig(init=Path("i"), out=Path("o"), frames=tuple(bad))

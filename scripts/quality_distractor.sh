@@ -33,6 +33,21 @@
 #       after it: changed 77%, count 94%, direction 100%, the others 98-100%; after the
 #       exploration stage, keep 1.0 95.7%, but the learned scorer drops changed's evidence at
 #       0.5: see the README).
+# CHAIN=1 instead puts a chain of unpruned stages between each seed's base (stage 1) and
+# exploring (stage 3's recipe), into artifacts/quality-chain; in c1-c3 lr 1e-3 and each
+# `--until` bar must hold at two evaluations in a row (`--until-evals 2`). Seed 0's figures:
+#   c1. direction only until 80% (53% at step 100, 100% at 200 and 300; 5 min);
+#   c2. changed-alone (changed with the still shape left out: the answer is the side of the
+#       only shape) until 80% (91 / 92% at steps 100 / 200; 3 min): plain changed sits at
+#       chance from every start tried (README, "Five probes of changed");
+#   c3. changed-alone and changed, one each, until changed holds 80% (changed 56% at step
+#       100, 86 / 79 / 84 / 88% at 400-700; 11 min);
+#   c4. every task, changed and changed-alone once more, 600 steps at lr 3e-4 (10 min): on a
+#       probe, the base recipe after c3 without them lost changed (51%), with them kept it;
+#       after c4 every task is back but the distractor (24%) and count (22%);
+#   c5. stage 2's teaching (the distractor 76%; 3 min).
+# Seed 0: 70 min of training in all (base 21, chain 34, exploring 18), then keep 1.0 89.3%
+# with changed 93% and direction 98% (README, "A chain for direction and changed").
 # Stages that exist are reused, so a stopped run continues. (With the batched vision blocks,
 # seed 1's second run: base 20 min, teaching 2.5, exploring 17.) On 2 CPU cores each seed took
 # 23-27 min of base, 3 min of teaching, 22 min of exploring and 10 min of evaluation (about
@@ -40,12 +55,14 @@
 # (seed 0, step time: 7 + 10 + 11 + 8 + 11 + 12 + 12, the last with two evaluations), then
 # 26 of exploring again.
 set -euo pipefail -o noglob  # task lists like [direction] are not globs
+shopt -s inherit_errexit  # a failed stage inside run_stages stops the script
 cd "$(dirname "$0")/.."
 source scripts/stage.sh
 cli=.venv/bin/stts-vllm
 bases=artifacts/quality-distractor
 root=$bases
 [[ ${CURRICULUM:-0} == 1 ]] && root=artifacts/quality-curriculum
+[[ ${CHAIN:-0} == 1 ]] && root=artifacts/quality-chain
 tasks='[distractor,distractor,distractor,color,flash,order,count,changed,direction]'
 knobs=(--steps 800 --warmup 20 --lr 0.0003 --explore 1 --policy-weight 2
   --answer-loss-on top_k --tasks "$tasks")
@@ -61,21 +78,42 @@ curriculum=(
   "count-changed 26 --steps 500 --lr 0.001 --tasks [count,count,count,changed,direction]"
   "mix-changed 27 --steps 500 --lr 0.0003 --tasks [changed,changed,changed,count,count,direction,color,order,flash,distractor]"
 )
+# CHAIN=1 stages (c1-c4 above)
+until=(--eval-every 100 --until-evals 2 --lr 0.001)
+chain=(
+  "direction 11 --steps 800 --tasks [direction] --until direction=0.8 ${until[*]}"
+  "changed-alone 12 --steps 1600 --tasks [changed-alone] --until changed-alone=0.8 ${until[*]}"
+  "changed 13 --steps 800 --tasks [changed-alone,changed] --until changed=0.8 ${until[*]}"
+  "mix 14 --steps 600 --lr 0.0003 --tasks [color,direction,order,count,changed,flash,distractor,changed,changed-alone]"
+  "teach 15 --steps 150 --lr 0.001 --tasks [distractor]"
+)
+
+# run_stages ROOT PREV SEED STAGE...: chained unpruned stages from PREV, echo the last one
+run_stages() {
+  local root=$1 prev=$2 s=$3 line name seed args
+  shift 3
+  for line in "$@"; do
+    read -r name seed args <<<"$line"
+    # shellcheck disable=SC2086  # args is a list of flags without spaces inside
+    stage "$root/$name-$s" "$prev" $((seed + 10 * s)) "${unpruned[@]}" $args >&2
+    prev=$root/$name-$s
+  done
+  echo "$prev"
+}
 
 seeds=${SEEDS:-0 1 2}
 for s in $seeds; do
   stage "$bases/base-$s" "" "$s" --text-layers 4 --steps 1200
+  if [[ $root == artifacts/quality-chain ]]; then
+    prev=$(run_stages "$root" "$bases/base-$s" "$s" "${chain[@]}")
+    stage "$root/seed-$s" "$prev" $((6 + s)) "${knobs[@]}"
+    continue
+  fi
   stage "$bases/teach-$s" "$bases/base-$s" $((3 + s)) --steps 150 --lr 0.001 "${unpruned[@]}" \
     --tasks '[distractor]'
   stage "$bases/seed-$s" "$bases/teach-$s" $((6 + s)) "${knobs[@]}"
   [[ $root == "$bases" ]] && continue
-  prev=$bases/seed-$s
-  for line in "${curriculum[@]}"; do
-    read -r name seed args <<<"$line"
-    # shellcheck disable=SC2086  # args is a list of flags without spaces inside
-    stage "$root/$name-$s" "$prev" $((seed + 10 * s)) "${unpruned[@]}" $args
-    prev=$root/$name-$s
-  done
+  prev=$(run_stages "$root" "$bases/seed-$s" "$s" "${curriculum[@]}")
   stage "$root/seed-$s" "$prev" $((6 + s)) "${knobs[@]}"
 done
 "$cli" quality "$root" --seeds "[${seeds// /,}]" "${knobs[@]}"

@@ -61,6 +61,10 @@ source scripts/stage.sh
 cli=.venv/bin/stts-vllm
 bases=artifacts/quality-distractor
 root=$bases
+if [[ ${CURRICULUM:-0} == 1 && ${CHAIN:-0} == 1 ]]; then
+  echo "CURRICULUM=1 and CHAIN=1 are two recipes: set one" >&2
+  exit 2
+fi
 [[ ${CURRICULUM:-0} == 1 ]] && root=artifacts/quality-curriculum
 [[ ${CHAIN:-0} == 1 ]] && root=artifacts/quality-chain
 tasks='[distractor,distractor,distractor,color,flash,order,count,changed,direction]'
@@ -78,7 +82,7 @@ curriculum=(
   "count-changed 26 --steps 500 --lr 0.001 --tasks [count,count,count,changed,direction]"
   "mix-changed 27 --steps 500 --lr 0.0003 --tasks [changed,changed,changed,count,count,direction,color,order,flash,distractor]"
 )
-# CHAIN=1 stages (c1-c4 above)
+# CHAIN=1 stages (c1-c5 above)
 until=(--eval-every 100 --until-evals 2 --lr 0.001)
 chain=(
   "direction 11 --steps 800 --tasks [direction] --until direction=0.8 ${until[*]}"

@@ -23,7 +23,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +36,14 @@ from stts_vllm.training.videoqa import TASKS, make_sample
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
+# What a resumed run must share with the run that saved the state: the batches are drawn
+# from (seed, step), and a resume that changed the mix, lr or warmup would train another
+# recipe, silently. `steps` may grow (README's 1200 -> 2400 recipe): logged, since the cosine
+# then spans the new length and the lr jumps back up.
+RESUME_FIXED = (
+    "mode", "steps", "batch_size", "lr", "scorer_lr", "warmup", "aux_weight", "keep_ratios",
+    "frames", "tasks", "explore", "policy_weight", "answer_loss_on", "seed",
+)  # fmt: skip
 
 
 def fresh_demo(init: Path, seed: int, family: str, text_layers: int | None = None) -> Path:
@@ -229,11 +237,21 @@ def train(config: TrainConfig) -> Path:
     start, stopped, streak = 0, None, 0
     if source != Path(config.init):
         state = torch.load(state_path, weights_only=False)
+        _check_resumable(state.get("config"), config, state_path)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", source, start)
+        if state.get("config") and state["config"]["steps"] != config.steps:
+            logger.warning(
+                "a %d-step run resumed as a %d-step one: the cosine now spans %d steps, so the lr "
+                "goes from %.2f to %.2f of its peak at step %d",
+                state["config"]["steps"], config.steps, config.steps,
+                _schedule(start - 1, replace(config, steps=state["config"]["steps"])),
+                _schedule(start, config), start + 1,
+            )  # fmt: skip
         stopped, streak = state.get("stopped"), state.get("streak", 0)
+        _drop_records_after(out / LOG_FILE, start)
         if stopped is not None:  # `until` was met: the stage is done, whatever `steps` says
             start = config.steps
     log = (out / LOG_FILE).open("a")
@@ -295,9 +313,7 @@ def train(config: TrainConfig) -> Path:
         log.write(json.dumps(record) + "\n")
         log.flush()
         if (step + 1) % config.save_every == 0 or step + 1 == config.steps or learned:
-            _save_state(
-                model, optimizer, step + 1, out / "last", Path(config.init), stopped, streak
-            )
+            _save_state(model, optimizer, step + 1, out / "last", config, stopped, streak)
         if learned:
             logger.info("stopping at step %d: %s reached", stopped, config.until)
             break
@@ -332,17 +348,52 @@ def _save_state(
     optimizer,
     step: int,
     where: Path,
-    source: Path,
+    config: TrainConfig,
     stopped: int | None,
     streak: int,
 ) -> None:
     """`stopped` is the step where `until` was met (None: not met), so a resumed run that had
     stopped early ends at once instead of training on to `steps`; `streak` counts the
-    evaluations in a row that met it so far, so a resume keeps counting."""
+    evaluations in a row that met it so far, so a resume keeps counting; `config` holds the
+    `RESUME_FIXED` fields a resume is checked against."""
 
     def write(tmp: Path) -> None:
-        model.save(tmp, source)
+        model.save(tmp, Path(config.init))
         state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
-        torch.save(state | {"stopped": stopped, "streak": streak}, tmp / STATE_FILE)
+        state |= {"stopped": stopped, "streak": streak, "config": _resume_fields(config)}
+        torch.save(state, tmp / STATE_FILE)
 
     write_dir_atomically(where, write)
+
+
+def _resume_fields(config: TrainConfig) -> dict:
+    fields = asdict(config)
+    return {name: json.loads(json.dumps(fields[name])) for name in RESUME_FIXED}
+
+
+def _check_resumable(saved: dict | None, config: TrainConfig, state_path: Path) -> None:
+    """Refuse a resume whose schedule or data differ from the saved run's (states saved
+    before the check existed carry no config and are resumed as before)."""
+    if saved is None:
+        return
+    now = _resume_fields(config)
+    changed = {k: (saved.get(k), now[k]) for k in RESUME_FIXED if saved.get(k) != now[k]}
+    if "steps" in changed and config.steps > changed["steps"][0]:
+        del changed["steps"]  # longer is allowed (and logged); shorter cuts the schedule
+    if changed:
+        diff = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in changed.items())
+        raise ValueError(
+            f"cannot resume {state_path.parent}: {diff}. Resume with the saved run's settings, "
+            "or start a new run from its weights (--init OUT/last or OUT/checkpoint)"
+        )
+
+
+def _drop_records_after(log_path: Path, step: int) -> None:
+    """A run killed after its last save logged steps the resume trains again: drop them,
+    so the log holds each step once."""
+    if not log_path.is_file():
+        return
+    lines = log_path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        log_path.write_text("".join(line + "\n" for line in kept))

@@ -4,6 +4,7 @@ loss, state resumes, and the output is an STTS checkpoint."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+import stts_vllm.training.train as train_module
 from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read_config
 from stts_vllm.cli import Train
 from stts_vllm.core import retention_mask, sample_retention
@@ -96,17 +98,74 @@ def test_a_checkpoint_appears_whole_or_not_at_all(tmp_path: Path) -> None:
     assert [p.name for p in where.iterdir()] == ["config.json"]
 
 
-def test_resume_continues_where_it_stopped(smoke_run: Path, tmp_path: Path) -> None:
-    """A run killed after step 4 (the `last` state of the smoke run) resumes at step 5."""
+class _Killed(Exception):
+    """Stands for a run killed mid-stage (Ctrl-C, a lost machine)."""
+
+
+def _kill_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """The next `train` dies as it starts `step` (0-based), after logging the steps before."""
+    real = train_module._batch
+
+    def batch(model, at: int, config):
+        if at == step:
+            raise _Killed
+        return real(model, at, config)
+
+    monkeypatch.setattr(train_module, "_batch", batch)
+
+
+def test_resume_continues_where_it_stopped(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run killed in step 7 (saved at step 4, logged to 6) resumes at step 5, and the log
+    holds each step once."""
+    init = smoke_run.parent / "init"
+    out = tmp_path / "killed"
+    config = TrainConfig(init=init, out=out, frames=(16,), **SMOKE)
+    _kill_at(monkeypatch, 6)
+    with pytest.raises(_Killed):
+        train(config)
+    monkeypatch.undo()
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(out / "last" / "trainer_state.pt", weights_only=False)["step"] == 4
+    train(TrainConfig(**asdict(config) | {"resume": True}))
+    assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_resume_with_more_steps_goes_on_and_says_where_the_lr_jumps(
+    smoke_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An 8-step run resumed as a 10-step one (the README's 1200 -> 2400 recipe) trains steps
+    9 and 10 once each; the log says the cosine now spans 10 steps."""
     import shutil
 
-    out = tmp_path / "resumed"
+    out = tmp_path / "longer"
     shutil.copytree(smoke_run / "last", out / "last")
     shutil.copyfile(smoke_run / "train_log.jsonl", out / "train_log.jsonl")
     init = smoke_run.parent / "init"
-    train(TrainConfig(init=init, out=out, resume=True, frames=(16,), **(SMOKE | {"steps": 10})))
-    steps = [r["step"] for r in read_log(out)]
-    assert steps[-2:] == [9, 10] and steps.count(9) == 1
+    with caplog.at_level("WARNING", logger="stts_vllm.training.train"):
+        train(TrainConfig(init=init, out=out, resume=True, frames=(16,), **SMOKE | {"steps": 10}))
+    assert [r["step"] for r in read_log(out)] == list(range(1, 11))
+    assert "an 8-step run resumed as a 10-step one" in caplog.text.replace("a 8", "an 8")
+
+
+@pytest.mark.parametrize(
+    "change", [{"steps": 6}, {"lr": 3e-4}, {"tasks": ("changed",)}, {"seed": 1}]
+)
+def test_resume_refuses_another_schedule_or_data(
+    smoke_run: Path, tmp_path: Path, change: dict
+) -> None:
+    """Another lr or mix would train another recipe, another seed another stream of batches,
+    fewer steps another schedule: refused, naming the field, before any step."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(smoke_run / "last", out / "last")
+    config = TrainConfig(init=smoke_run.parent / "init", out=out, frames=(16,), **SMOKE)
+    field = next(iter(change))
+    with pytest.raises(ValueError, match=f"cannot resume .*{field}: saved"):
+        train(TrainConfig(**asdict(config) | change | {"resume": True}))
+    assert not (out / "checkpoint").exists()
 
 
 def test_scorer_mode_trains_only_the_scorer_of_a_frozen_base(
@@ -265,11 +324,11 @@ def test_until_stops_a_stage_once_its_task_is_learned_and_a_resume_keeps_it_stop
 
 
 def test_until_evals_needs_the_bar_held_at_that_many_evaluations_in_a_row(
-    smoke_run: Path, tmp_path: Path
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`until_evals=2`: a bar every evaluation meets stops the run at the second one (step 4
-    of 8, not 2); a 2-step run (one met evaluation, saved with the state) resumed with
-    `until_evals=3` keeps its count and stops at its third evaluation, step 6."""
+    of 8, not 2); a run with `until_evals=3` killed in step 3 (one met evaluation, saved with
+    the state at step 2) keeps its count when resumed and stops at its third, step 6."""
     steps = SMOKE | {"steps": 8, "batch_size": 2, "eval_every": 2, "eval_samples": 3}
     stage = dict(init=smoke_run / "checkpoint", frames=(16,), until={"changed": 0.0}, **steps)
     out = tmp_path / "twice"
@@ -280,7 +339,11 @@ def test_until_evals_needs_the_bar_held_at_that_many_evaluations_in_a_row(
     assert json.loads((out / "train_config.json").read_text())["stopped"] == 4
 
     out = tmp_path / "resumed"
-    train(TrainConfig(**stage | {"steps": 2}, out=out, until_evals=3))  # 1 of 3 met, saved
+    stage["save_every"] = 2
+    _kill_at(monkeypatch, 2)
+    with pytest.raises(_Killed):
+        train(TrainConfig(**stage, out=out, until_evals=3))  # 1 of 3 met, saved at step 2
+    monkeypatch.undo()
     assert torch.load(out / "last" / "trainer_state.pt", weights_only=False)["streak"] == 1
     train(TrainConfig(**stage, out=out, until_evals=3, resume=True))
     assert [r["step"] for r in read_log(out)] == [1, 2, 3, 4, 5, 6]

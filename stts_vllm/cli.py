@@ -21,7 +21,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from stts_vllm.training.config import TrainConfig, check_exploration
+from stts_vllm.training.config import TrainConfig, check_exploration, check_frames
 from stts_vllm.training.videoqa import TRAINABLE
 
 
@@ -164,6 +164,11 @@ class TrainingKnobs(BaseModel):
     @model_validator(mode="after")
     def _exploration_knobs_agree(self) -> TrainingKnobs:
         check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
+        return self
+
+    @model_validator(mode="after")
+    def _frames_are_clip_lengths(self) -> TrainingKnobs:
+        check_frames(self.frames)
         return self
 
 

@@ -57,9 +57,7 @@ class TrainConfig:
         self.keep_ratios = tuple(self.keep_ratios)
         self.frames = tuple(self.frames)
         self.tasks = tuple(self.tasks)
-        if not self.frames or any(f < 8 or f % 2 for f in self.frames):
-            # make_sample's own limit, refused here rather than at the first batch that draws it
-            raise ValueError(f"frames must be even numbers >= 8, got {list(self.frames)}")
+        check_frames(self.frames)
         unknown = sorted(set(self.tasks) - set(TRAINABLE))
         check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
         if not self.tasks or unknown:
@@ -76,6 +74,13 @@ class TrainConfig:
         if self.until_evals > 1 and not self.until:
             # Without bars nothing is counted: the run would silently go to `steps`.
             raise ValueError(f"until_evals={self.until_evals} needs until (the bars to hold)")
+
+
+def check_frames(frames: tuple[int, ...] | list[int]) -> None:
+    """make_sample's own limit, refused up front (the CLI: before it builds a fresh demo)
+    rather than at the first batch that draws a bad clip length."""
+    if not frames or any(f < 8 or f % 2 for f in frames):
+        raise ValueError(f"frames must be even numbers >= 8, got {list(frames)}")
 
 
 def check_exploration(explore: float, policy_weight: float, answer_loss_on: str) -> None:

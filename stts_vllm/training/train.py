@@ -237,23 +237,26 @@ def train(config: TrainConfig) -> Path:
     start, stopped, streak = 0, None, 0
     if source != Path(config.init):
         state = torch.load(state_path, weights_only=False)
-        _check_resumable(state.get("config"), config, state_path)
+        stopped, streak = state.get("stopped"), state.get("streak", 0)
+        if stopped is None:  # a stage `until` ended trains nothing more, whatever the flags
+            _check_resumable(state.get("config"), config, state_path)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", source, start)
-        if state.get("config") and state["config"]["steps"] != config.steps:
+        saved_steps = (state.get("config") or {}).get("steps", config.steps)
+        if stopped is None and saved_steps != config.steps:
             logger.warning(
-                "a %d-step run resumed as a %d-step one: the cosine now spans %d steps, so the lr "
-                "goes from %.2f to %.2f of its peak at step %d",
-                state["config"]["steps"], config.steps, config.steps,
-                _schedule(start - 1, replace(config, steps=state["config"]["steps"])),
+                "resumed with --steps %d (saved run: %d): the cosine now spans %d steps, so "
+                "the lr goes from %.2f to %.2f of its peak at step %d",
+                config.steps, saved_steps, config.steps,
+                _schedule(start - 1, replace(config, steps=saved_steps)),
                 _schedule(start, config), start + 1,
             )  # fmt: skip
-        stopped, streak = state.get("stopped"), state.get("streak", 0)
+    if config.resume:  # what a killed run logged after its last save (all, if none) goes
         _drop_records_after(out / LOG_FILE, start)
-        if stopped is not None:  # `until` was met: the stage is done, whatever `steps` says
-            start = config.steps
+    if stopped is not None:  # `until` was met: the stage is done, whatever `steps` says
+        start = config.steps
     log = (out / LOG_FILE).open("a")
     bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train")
     window: list[dict] = []
@@ -377,7 +380,8 @@ def _check_resumable(saved: dict | None, config: TrainConfig, state_path: Path) 
     if saved is None:
         return
     now = _resume_fields(config)
-    changed = {k: (saved.get(k), now[k]) for k in RESUME_FIXED if saved.get(k) != now[k]}
+    # Only the fields the state has: one added to RESUME_FIXED later does not refuse old states.
+    changed = {k: (saved[k], now[k]) for k in RESUME_FIXED if k in saved and saved[k] != now[k]}
     if "steps" in changed and config.steps > changed["steps"][0]:
         del changed["steps"]  # longer is allowed (and logged); shorter cuts the schedule
     if changed:
@@ -389,11 +393,18 @@ def _check_resumable(saved: dict | None, config: TrainConfig, state_path: Path) 
 
 
 def _drop_records_after(log_path: Path, step: int) -> None:
-    """A run killed after its last save logged steps the resume trains again: drop them,
-    so the log holds each step once."""
+    """A run killed after its last save logged steps the resume trains again: drop them (and
+    a line the kill cut off), so the log holds each step once."""
     if not log_path.is_file():
         return
-    lines = log_path.read_text().splitlines()
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        log_path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(log_path)  # a kill mid-write leaves the old log whole

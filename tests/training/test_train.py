@@ -146,7 +146,39 @@ def test_resume_with_more_steps_goes_on_and_says_where_the_lr_jumps(
     with caplog.at_level("WARNING", logger="stts_vllm.training.train"):
         train(TrainConfig(init=init, out=out, resume=True, frames=(16,), **SMOKE | {"steps": 10}))
     assert [r["step"] for r in read_log(out)] == list(range(1, 11))
-    assert "an 8-step run resumed as a 10-step one" in caplog.text.replace("a 8", "an 8")
+    assert "resumed with --steps 10 (saved run: 8): the cosine now spans 10 steps" in caplog.text
+
+
+def test_resume_before_the_first_save_starts_over_with_a_clean_log(
+    smoke_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed in step 3 with nothing saved yet (and a line cut off by the kill): the resume
+    starts from the init, and the log holds steps 1-8 once each."""
+    out = tmp_path / "early"
+    config = TrainConfig(init=smoke_run.parent / "init", out=out, frames=(16,), **SMOKE)
+    _kill_at(monkeypatch, 2)
+    with pytest.raises(_Killed):
+        train(config)
+    monkeypatch.undo()
+    assert not (out / "last").exists()
+    with (out / "train_log.jsonl").open("a") as log:
+        log.write('{"step": 3, "lm_lo')
+    train(TrainConfig(**asdict(config) | {"resume": True}))
+    assert [r["step"] for r in read_log(out)] == list(range(1, 9))
+
+
+def test_resume_of_a_state_saved_before_the_check_goes_on(smoke_run: Path, tmp_path: Path) -> None:
+    """A state without the saved settings (older runs) resumes as before, settings unchecked."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(smoke_run / "last", out / "last")
+    state = torch.load(out / "last" / "trainer_state.pt", weights_only=False)
+    del state["config"]
+    torch.save(state, out / "last" / "trainer_state.pt")
+    init = smoke_run.parent / "init"
+    train(TrainConfig(init=init, out=out, resume=True, frames=(16,), **SMOKE | {"lr": 3e-4}))
+    assert (out / "checkpoint" / "config.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -162,10 +194,10 @@ def test_resume_refuses_another_schedule_or_data(
     out = tmp_path / "run"
     shutil.copytree(smoke_run / "last", out / "last")
     config = TrainConfig(init=smoke_run.parent / "init", out=out, frames=(16,), **SMOKE)
-    field = next(iter(change))
-    with pytest.raises(ValueError, match=f"cannot resume .*{field}: saved"):
+    only = rf"cannot resume \S+: {next(iter(change))}: saved [^:]*, now [^:]*\. Resume"
+    with pytest.raises(ValueError, match=only):
         train(TrainConfig(**asdict(config) | change | {"resume": True}))
-    assert not (out / "checkpoint").exists()
+    assert not (out / "train_log.jsonl").exists()  # refused before the log was opened
 
 
 def test_scorer_mode_trains_only_the_scorer_of_a_frozen_base(
@@ -512,3 +544,5 @@ def test_frames_reach_the_config_from_the_cli_and_odd_or_short_clips_are_refused
     for bad in ([6], [9], []):
         with pytest.raises(ValueError, match="frames"):
             TrainConfig(init=Path("i"), out=Path("o"), frames=tuple(bad))
+    with pytest.raises(ValidationError, match="even numbers >= 8"):
+        Train(out=tmp_path / "run", frames=[9])  # before cli_cmd builds a fresh demo

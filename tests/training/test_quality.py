@@ -142,6 +142,8 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
             "1.5",
             "--answer-loss-on",
             "top_k",
+            "--frames",
+            "[8,16]",
         ]
     )
     args = seen["args"]
@@ -154,6 +156,7 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
         "aux_weight": 0.0,
         "warmup": 30,
         "keep_ratios": [0.5, 0.3],
+        "frames": [8, 16],
         "explore": 0.5,
         "policy_weight": 1.5,
         "answer_loss_on": "top_k",

@@ -8,5 +8,7 @@ stage() {
   [[ -f $out/checkpoint/config.json ]] && return 0
   local from=()
   [[ -n $init ]] && from=(--init "$init/checkpoint")
-  .venv/bin/stts-vllm train "$out" "${from[@]}" --seed "$seed" "$@" --resume true
+  # DEVICE=cuda trains there (states are saved device-free: a stage resumes anywhere)
+  .venv/bin/stts-vllm train "$out" "${from[@]}" --seed "$seed" "$@" --resume true \
+    ${DEVICE:+--device "$DEVICE"}
 }

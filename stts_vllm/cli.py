@@ -21,7 +21,12 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from stts_vllm.training.config import TrainConfig, check_exploration, check_frames
+from stts_vllm.training.config import (
+    TrainConfig,
+    check_device,
+    check_exploration,
+    check_frames,
+)
 from stts_vllm.training.videoqa import TRAINABLE
 
 
@@ -160,6 +165,17 @@ class TrainingKnobs(BaseModel):
         description="the training mix: the batch cycles through these tasks; list one twice "
         "to give it twice the questions (a curriculum of a few tasks, for instance)",
     )
+
+    device: str = Field(
+        TrainConfig.device,
+        description="where training runs: cpu, cuda or cuda:N (states and checkpoints are "
+        "saved device-free: a run resumes on another device)",
+    )
+
+    @model_validator(mode="after")
+    def _device_is_known(self) -> TrainingKnobs:
+        check_device(self.device)
+        return self
 
     @model_validator(mode="after")
     def _exploration_knobs_agree(self) -> TrainingKnobs:

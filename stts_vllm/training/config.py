@@ -50,6 +50,9 @@ class TrainConfig:
     save_every: int = 250
     seed: int = 0
     threads: int | None = None
+    # Where the model trains ("cpu", "cuda", "cuda:1"): states and checkpoints are saved
+    # device-free, so a run started on one device resumes on another.
+    device: str = "cpu"
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -58,6 +61,7 @@ class TrainConfig:
         self.frames = tuple(self.frames)
         self.tasks = tuple(self.tasks)
         check_frames(self.frames)
+        check_device(self.device)
         unknown = sorted(set(self.tasks) - set(TRAINABLE))
         check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
         if not self.tasks or unknown:
@@ -81,6 +85,19 @@ def check_frames(frames: tuple[int, ...] | list[int]) -> None:
     rather than at the first batch that draws a bad clip length."""
     if not frames or any(f < 8 or f % 2 for f in frames):
         raise ValueError(f"frames must be even numbers >= 8, got {list(frames)}")
+
+
+def check_device(device: str) -> None:
+    """A device name torch understands (whether this machine has it is checked when training
+    starts: a config may be written on one machine and run on another)."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}") from error
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
 
 
 def check_exploration(explore: float, policy_weight: float, answer_loss_on: str) -> None:

@@ -227,7 +227,10 @@ def train(config: TrainConfig) -> Path:
     source = Path(config.init)
     if config.resume and state_path.is_file():
         source = out / "last"
-    model = STTSVideoQAModel.from_checkpoint(source, scorer="learned")
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {config.device!r}: this torch build sees no CUDA device")
+    model = STTSVideoQAModel.from_checkpoint(source, scorer="learned").to(device)
     model.train()
     groups = _trainable(model, config.mode)
     for group in groups:
@@ -236,13 +239,16 @@ def train(config: TrainConfig) -> Path:
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01)
     start, stopped, streak = 0, None, 0
     if source != Path(config.init):
-        state = torch.load(state_path, weights_only=False)
+        # On the CPU first: the optimizer's state follows its parameters' device when loaded.
+        state = torch.load(state_path, weights_only=False, map_location="cpu")
         stopped, streak = state.get("stopped"), state.get("streak", 0)
         if stopped is None:  # a stage `until` ended trains nothing more, whatever the flags
             _check_resumable(state.get("config"), config, state_path)
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         logger.info("resumed from %s at step %d", source, start)
         saved_steps = (state.get("config") or {}).get("steps", config.steps)
         if stopped is None and saved_steps != config.steps:
@@ -363,6 +369,9 @@ def _save_state(
     def write(tmp: Path) -> None:
         model.save(tmp, Path(config.init))
         state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
+        device = torch.device(config.device)
+        if device.type == "cuda":  # the explored draws' noise; restored on a CUDA resume
+            state["cuda_rng"] = torch.cuda.get_rng_state(device)
         state |= {"stopped": stopped, "streak": streak, "config": _resume_fields(config)}
         torch.save(state, tmp / STATE_FILE)
 

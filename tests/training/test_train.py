@@ -546,3 +546,39 @@ def test_frames_reach_the_config_from_the_cli_and_odd_or_short_clips_are_refused
             TrainConfig(init=Path("i"), out=Path("o"), frames=tuple(bad))
     with pytest.raises(ValidationError, match="even numbers >= 8"):
         Train(out=tmp_path / "run", frames=[9])  # before cli_cmd builds a fresh demo
+
+
+def test_device_reaches_the_config_from_the_cli_and_unknown_devices_are_refused(
+    tmp_path: Path,
+) -> None:
+    assert Train(out=tmp_path / "run").config(tmp_path / "init").device == "cpu"
+    assert Train(out=tmp_path / "run", device="cuda:1").config(tmp_path / "i").device == "cuda:1"
+    for bad in ("gpu", "mps", "cuda:x"):
+        with pytest.raises(ValueError, match="cpu, cuda or cuda:N"):
+            TrainConfig(init=Path("i"), out=Path("o"), device=bad)
+        with pytest.raises(ValidationError, match="cpu, cuda or cuda:N"):
+            Train(out=tmp_path / "run", device=bad)  # before cli_cmd builds a fresh demo
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_on_a_machine_without_one_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    config = TrainConfig(init=tmp_path / "missing", out=tmp_path / "out", device="cuda")
+    with pytest.raises(ValueError, match="sees no CUDA device"):
+        train(config)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
+def test_training_on_cuda_matches_the_cpu_and_its_state_resumes_on_the_cpu(tmp_path: Path) -> None:
+    """The GPU user's path (`train --device cuda`): same weights and batch give the CPU's
+    first loss, and a state saved on the GPU goes on on the CPU (saved device-free)."""
+    init = make_demo(tmp_path / "init", scorer="learned")
+    short = SMOKE | {"steps": 4, "eval_every": 4, "save_every": 4}
+    logs = {}
+    for device in ("cpu", "cuda"):
+        train(TrainConfig(init=init, out=tmp_path / device, frames=(16,), device=device, **short))
+        logs[device] = read_log(tmp_path / device)
+    assert logs["cuda"][0]["lm_loss"] == pytest.approx(logs["cpu"][0]["lm_loss"], rel=1e-2)
+    assert all(np.isfinite(r["loss"]) for r in logs["cuda"])
+    longer = short | {"steps": 6}
+    train(TrainConfig(init=init, out=tmp_path / "cuda", frames=(16,), resume=True, **longer))
+    assert [r["step"] for r in read_log(tmp_path / "cuda")] == [1, 2, 3, 4, 5, 6]

@@ -55,6 +55,10 @@ def plan(args: argparse.Namespace, python: str) -> list[Step]:
         "--kv-cache-gib",
         str(args.kv_cache_gib),
     ]
+    cuda_tests = [*pytest[: -len(ENGINE_TESTS)], "tests/training/test_train.py"]
+    cuda_tests.append("tests/test_core_attention.py")
+    tower = [python, "bench/vision_tower.py", "--device", "cuda", "--dtype", "bfloat16"]
+    tower += ["--frames", "16", "64"]
     steps = [
         Step(
             "engine-float32",
@@ -85,6 +89,21 @@ def plan(args: argparse.Namespace, python: str) -> list[Step]:
             "CUDA graphs for images in pruning mode, compiled towers",
             pytest,
             {"STTS_TEST_DTYPE": "bfloat16", "STTS_TEST_ENFORCE_EAGER": "0"},
+        ),
+        Step(
+            "training-cuda",
+            "the CUDA-only tests of the training tower: `train --device cuda` gives the CPU's "
+            "first loss and its state resumes on the CPU; FlashAttention varlen (the pruned "
+            "windows' attention in half precision) matches float64 attention, values and "
+            "gradients",
+            [*cuda_tests, "-k", "cuda or flash"],
+        ),
+        Step(
+            "bench-vision-tower",
+            "bench/vision_tower.py at Qwen2.5-VL-7B's tower size in bfloat16, 16 and 64 "
+            "frames: forward and training time at keep 1.0 / 0.5 / 0.3, FlashAttention varlen "
+            "vs the grouped SDPA, vs transformers' tower",
+            [*tower, "--out", str(args.out / "vision-tower")],
         ),
         Step(
             "bench-geometry",

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from stts_vllm.core import BIAS_CHANNELS, varlen_attention, with_key_bias_channel
+from stts_vllm.core.attention import flash_varlen_fits, grouped_sdpa
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -79,3 +80,46 @@ def test_varlen_attention_of_nothing_is_empty() -> None:
     q = k = torch.zeros(0, 2, 8)
     v = torch.zeros(0, 2, 4)
     assert varlen_attention(q, k, v, torch.tensor([0, 0])).shape == (0, 2, 4)
+
+
+def test_the_flash_varlen_kernel_is_for_cuda_half_precision_only() -> None:
+    assert not flash_varlen_fits(*(torch.zeros(4, 2, 8, dtype=torch.bfloat16) for _ in "qkv"))
+    if torch.cuda.is_available():
+        cuda = [torch.zeros(4, 2, 8, device="cuda") for _ in "qkv"]
+        assert not flash_varlen_fits(*cuda)  # float32: the grouped SDPA path
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
+@pytest.mark.parametrize("biased", [False, True])
+def test_flash_varlen_matches_float64_attention_on_pruned_windows(biased: bool) -> None:
+    """What the pruned tower runs on a GPU: one FlashAttention varlen call over windows of
+    many lengths (an empty one too), with the key-bias channel, gives float64 attention's
+    values and gradients up to bfloat16 (errors relative to each tensor's largest entry, as
+    the per-length SDPA gets them: a wrong scale or bias is off by its whole size)."""
+    gen = torch.Generator().manual_seed(2)
+    lengths = [int(n) for n in torch.randint(0, 65, (200,), generator=gen)] + [0, 64]
+    total, heads, dim, scale = sum(lengths), 16, 80, 80**-0.5
+    leaves = [
+        torch.randn(total, heads, dim, generator=gen).to("cuda", torch.bfloat16).requires_grad_()
+        for _ in "qkv"
+    ]
+    bias = (-4 * torch.rand(total, generator=gen)).cuda().requires_grad_()
+    exact = [x.detach().double().requires_grad_() for x in (*leaves, bias)]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    assert flash_varlen_fits(*leaves)
+    weights = torch.randn(total, heads, dim, generator=gen).cuda()
+
+    def run(attend, inputs):
+        out = attend(*inputs[:3], key_bias=inputs[3] if biased else None)
+        used = inputs if biased else inputs[:3]
+        return [out, *torch.autograd.grad((out.double() * weights).sum(), used)]
+
+    half = [*leaves, bias]
+    flash = run(lambda *x, **b: varlen_attention(*x, cu.cuda(), scale=scale, **b), half)
+    grouped = run(lambda *x, **b: grouped_sdpa(*x, cu.tolist(), scale=scale, **b), half)
+    reference = run(lambda *x, **b: grouped_sdpa(*x, cu.tolist(), scale=scale, **b), exact)
+    names = ["out", "dq", "dk", "dv", "dbias"][: len(reference)]
+    for name, ours, sdpa, ref in zip(names, flash, grouped, reference, strict=True):
+        size = ref.abs().max()
+        error, sdpa_error = ((x.double() - ref).abs().max() / size for x in (ours, sdpa))
+        assert error < 3e-2, (name, float(error), float(sdpa_error))

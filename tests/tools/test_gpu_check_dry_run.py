@@ -37,6 +37,8 @@ def test_dry_run_plans_every_step_and_writes_the_report(tmp_path: Path) -> None:
         "engine-bfloat16",
         "engine-bfloat16-v2-runner",
         "engine-bfloat16-cuda-graphs",
+        "training-cuda",
+        "bench-vision-tower",
         "bench-geometry",
         "bench-checkpoint",
     ]
@@ -71,3 +73,15 @@ def test_without_a_gpu_and_without_dry_run_it_says_so(tmp_path: Path) -> None:
     result = _run("--out", str(tmp_path))
     assert result.returncode == 2
     assert "no CUDA device" in result.stderr
+
+
+def test_the_training_steps_run_the_cuda_tests_and_the_tower_bench(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    result = _run("--dry-run", "--out", str(out), "--only", "training-cuda", "bench-vision-tower")
+    assert result.returncode == 0, result.stderr
+    steps = {s["name"]: s for s in json.loads((out / "gpu-check.json").read_text())["steps"]}
+    tests = steps["training-cuda"]["command"]
+    assert "tests/training/test_train.py" in tests and "tests/test_core_attention.py" in tests
+    assert "tests/engine" not in tests and tests[tests.index("-k") + 1] == "cuda or flash"
+    tower = steps["bench-vision-tower"]["command"]
+    assert "bench/vision_tower.py" in tower and tower[tower.index("--device") + 1] == "cuda"

@@ -221,6 +221,12 @@ class Train(TrainingKnobs):
     eval_samples: int = TrainConfig.eval_samples
     save_every: int = TrainConfig.save_every
     seed: int = TrainConfig.seed
+    threads: int | None = Field(
+        TrainConfig.threads,
+        ge=1,
+        description="torch's CPU threads (default: torch's, every core); several runs on one "
+        "machine, GPU runs too, each take all of them unless split",
+    )
     resume: bool = Field(False, description="continue from OUT/last if it exists")
 
     @model_validator(mode="after")

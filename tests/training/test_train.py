@@ -582,3 +582,12 @@ def test_training_on_cuda_matches_the_cpu_and_its_state_resumes_on_the_cpu(tmp_p
     longer = short | {"steps": 6}
     train(TrainConfig(init=init, out=tmp_path / "cuda", frames=(16,), resume=True, **longer))
     assert [r["step"] for r in read_log(tmp_path / "cuda")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_threads_reach_the_config_from_the_cli(tmp_path: Path) -> None:
+    """Three runs on one 16-core GPU machine each took every core's thread and ran 6x slower
+    per step (README, "Training on a GPU"): `--threads` splits them."""
+    assert Train(out=tmp_path / "run", threads=5).config(tmp_path / "init").threads == 5
+    assert Train(out=tmp_path / "run").config(tmp_path / "init").threads is None
+    with pytest.raises(ValidationError, match="threads"):
+        Train(out=tmp_path / "run", threads=0)

@@ -93,7 +93,8 @@ def plan(args: argparse.Namespace, python: str) -> list[Step]:
         Step(
             "training-cuda",
             "the CUDA-only tests of the training tower: `train --device cuda` gives the CPU's "
-            "first loss and its state resumes on the CPU; FlashAttention varlen (the pruned "
+            "first loss and its state resumes on the CPU; `--dtype bfloat16` trains through "
+            "FlashAttention varlen near float32's loss; FlashAttention varlen (the pruned "
             "windows' attention in half precision) matches float64 attention, values and "
             "gradients",
             [*cuda_tests, "-k", "cuda or flash"],

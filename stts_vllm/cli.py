@@ -172,6 +172,13 @@ class TrainingKnobs(BaseModel):
         "saved device-free: a run resumes on another device)",
     )
 
+    dtype: Literal["float32", "bfloat16"] = Field(
+        TrainConfig.dtype,
+        description="bfloat16: mixed precision (autocast; weights, optimizer and scorer stay "
+        "float32), what a GPU trains a real checkpoint in; on CUDA the pruned windows then "
+        "run as one FlashAttention varlen call",
+    )
+
     @model_validator(mode="after")
     def _device_is_known(self) -> TrainingKnobs:
         check_device(self.device)

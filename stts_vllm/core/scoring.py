@@ -90,7 +90,12 @@ def score_units(units: torch.Tensor, kind: str, scorer: nn.Module | None) -> tor
         if scorer is None:
             raise ValueError("the learned scorer needs its weights")
         # float32 always (the scorer's weights too): in bfloat16 about a third of the scores
-        # tie, and ties change which units survive between training and serving.
+        # tie, and ties change which units survive between training and serving. Autocast
+        # (bfloat16 training) would run its matmuls in bfloat16 anyway: off here (serving
+        # never autocasts, and its compiled towers never see this context).
+        if torch.is_autocast_enabled(units.device.type):
+            with torch.autocast(units.device.type, enabled=False):
+                return scorer(units.float())
         return scorer(units.float())
     if kind == "heuristic":
         return heuristic_scores(units)

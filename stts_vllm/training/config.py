@@ -53,6 +53,8 @@ class TrainConfig:
     # Where the model trains ("cpu", "cuda", "cuda:1"): states and checkpoints are saved
     # device-free, so a run started on one device resumes on another.
     device: str = "cpu"
+    # bfloat16: mixed precision (torch.autocast); weights, optimizer and scorer stay float32.
+    dtype: Literal["float32", "bfloat16"] = "float32"
     resume: bool = False
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class TrainConfig:
         self.tasks = tuple(self.tasks)
         check_frames(self.frames)
         check_device(self.device)
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
         unknown = sorted(set(self.tasks) - set(TRAINABLE))
         check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
         if not self.tasks or unknown:

@@ -138,6 +138,9 @@ class STTSVideoQAModel(nn.Module):
         self.row_tokens = 1024
         # transformers' own vision blocks instead of the driver's batched ones (a reference)
         self.stock_vision_blocks = False
+        # bfloat16: mixed precision (weights and optimizer stay float32, matmuls and attention
+        # run in bfloat16; on a GPU the pruned windows then take FlashAttention varlen)
+        self.autocast_dtype: torch.dtype | None = None
 
     # -- loading and saving --
 
@@ -273,6 +276,18 @@ class STTSVideoQAModel(nn.Module):
         explore: float = 0.0,
     ) -> Outputs:
         device = next(self.hf.parameters()).device
+        dtype = self.autocast_dtype
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            return self._forward(batch, keep_ratios, aux_weight, explore, device)
+
+    def _forward(
+        self,
+        batch: Sequence[Prepared],
+        keep_ratios: Sequence[float],
+        aux_weight: float,
+        explore: float,
+        device: torch.device,
+    ) -> Outputs:
         vision = pruned_vision_forward(
             self.hf.model.visual,
             torch.cat([b.pixel_values for b in batch]).to(device),

@@ -231,6 +231,7 @@ def train(config: TrainConfig) -> Path:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {config.device!r}: this torch build sees no CUDA device")
     model = STTSVideoQAModel.from_checkpoint(source, scorer="learned").to(device)
+    model.autocast_dtype = None if config.dtype == "float32" else getattr(torch, config.dtype)
     model.train()
     groups = _trainable(model, config.mode)
     for group in groups:

@@ -158,6 +158,7 @@ def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch)
         "keep_ratios": [0.5, 0.3],
         "frames": [8, 16],
         "device": "cpu",
+        "dtype": "float32",
         "explore": 0.5,
         "policy_weight": 1.5,
         "answer_loss_on": "top_k",

@@ -584,6 +584,28 @@ def test_training_on_cuda_matches_the_cpu_and_its_state_resumes_on_the_cpu(tmp_p
     assert [r["step"] for r in read_log(tmp_path / "cuda")] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (make gpu-check)")
+def test_bfloat16_on_cuda_trains_through_flash_varlen_near_the_float32_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a GPU user trains in: mixed bfloat16, the pruned windows through FlashAttention
+    varlen (keep < 1 items), its first loss within bfloat16's reach of float32's."""
+    from stts_vllm.core import attention
+
+    calls = []
+    flash = attention._flash_varlen
+    monkeypatch.setattr(attention, "_flash_varlen", lambda *a: calls.append(1) or flash(*a))
+    init = make_demo(tmp_path / "init", scorer="learned")
+    short = SMOKE | {"steps": 2, "eval_every": 2, "save_every": 2, "keep_ratios": (0.5,)}
+    logs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        train(TrainConfig(init=init, out=out, frames=(16,), device="cuda", dtype=dtype, **short))
+        logs[dtype] = read_log(out)
+    assert calls, "the pruned windows did not take FlashAttention varlen"
+    assert logs["bfloat16"][0]["lm_loss"] == pytest.approx(logs["float32"][0]["lm_loss"], rel=5e-2)
+
+
 def test_threads_reach_the_config_from_the_cli(tmp_path: Path) -> None:
     """Three runs on one 16-core GPU machine each took every core's thread and ran 6x slower
     per step (README, "Training on a GPU"): `--threads` splits them."""
@@ -591,3 +613,34 @@ def test_threads_reach_the_config_from_the_cli(tmp_path: Path) -> None:
     assert Train(out=tmp_path / "run").config(tmp_path / "init").threads is None
     with pytest.raises(ValidationError, match="threads"):
         Train(out=tmp_path / "run", threads=0)
+
+
+def test_bfloat16_trains_in_mixed_precision_with_a_float32_scorer(tmp_path: Path) -> None:
+    """`--dtype bfloat16`: the tower's matmuls run in bfloat16, the scorer's in float32 (its
+    scores pick the kept units, as serving does in float32), and every weight and gradient
+    stays float32."""
+    model = STTSVideoQAModel.from_checkpoint(make_demo(tmp_path / "m", scorer="learned"))
+    model.autocast_dtype = torch.bfloat16
+    seen: dict[str, torch.Tensor] = {}
+    model.scorer.register_forward_hook(lambda m, i, o: seen.update(units=i[0], scores=o))
+    qkv = model.hf.model.visual.blocks[0].attn.qkv
+    qkv.register_forward_hook(lambda m, i, o: seen.update(qkv=o))
+    batch = [model.prepare(make_sample(i, "train")) for i in range(3)]
+    out = model(batch, [0.5, 1.0, 0.3])
+    out.loss.backward()
+    assert seen["qkv"].dtype == torch.bfloat16
+    assert seen["scores"].dtype == torch.float32
+    torch.testing.assert_close(seen["scores"], model.scorer(seen["units"]))
+    assert out.video_tokens == [144, 288, 86] and torch.isfinite(out.loss)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_dtype_reaches_the_config_from_the_cli(tmp_path: Path) -> None:
+    assert Train(out=tmp_path / "r", dtype="bfloat16").config(tmp_path / "i").dtype == "bfloat16"
+    assert Train(out=tmp_path / "r").config(tmp_path / "i").dtype == "float32"
+    with pytest.raises(ValidationError, match="dtype"):
+        Train(out=tmp_path / "r", dtype="float16")
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(init=Path("i"), out=Path("o"), dtype="float16")  # type: ignore[arg-type]

@@ -80,6 +80,7 @@ def test_varlen_attention_of_nothing_is_empty() -> None:
     q = k = torch.zeros(0, 2, 8)
     v = torch.zeros(0, 2, 4)
     assert varlen_attention(q, k, v, torch.tensor([0, 0])).shape == (0, 2, 4)
+    assert grouped_sdpa(q, k, v, [0, 0]).shape == (0, 2, 4)  # the GPU tests' reference too
 
 
 def test_the_flash_varlen_kernel_is_for_cuda_half_precision_only() -> None:

@@ -6,12 +6,12 @@ in one more channel of the queries and keys: with the kernel's softmax scale `s`
 attention wants head sizes in multiples of 8; zeros add nothing) and the values get zeros
 there, whose outputs are dropped. Any varlen kernel (SDPA on CPU, FlashAttention or FlashInfer
 on GPU) then runs the biased block in one call for every window and video, with no mask
-tensor and no host sync. `varlen_attention` is the plain-SDPA reference it is tested against.
+tensor and no host sync. `varlen_attention` runs it so on CUDA in half precision (the
+training tower; FlashAttention varlen), and `grouped_sdpa`, the plain-SDPA path, elsewhere.
 """
 
 from __future__ import annotations
 
-import inspect
 import itertools
 
 import torch
@@ -28,7 +28,9 @@ def with_key_bias_channel(
     result, cut back to `head_dim` output channels, equals biased attention over the inputs.
     Differentiable in `key_bias` (training takes the scorer's gradient through it)."""
     lead = q.shape[:-1]
-    bias = (key_bias.to(k.dtype) / scale).view(-1, 1, 1).expand(*k.shape[:-1], 1)
+    # Divided in float32 at least, rounded once: in bfloat16 `b / s` is about 18 for b = -2.
+    wide = key_bias.to(torch.promote_types(k.dtype, torch.float32))
+    bias = (wide / scale).to(k.dtype).view(-1, 1, 1).expand(*k.shape[:-1], 1)
     pad = BIAS_CHANNELS - 1
     q = torch.cat([q, q.new_ones(*lead, 1), q.new_zeros(*lead, pad)], dim=-1)
     k = torch.cat([k, bias, k.new_zeros(*k.shape[:-1], pad)], dim=-1)
@@ -72,7 +74,8 @@ def varlen_attention(
 
 def flash_varlen_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """FlashAttention's varlen kernel takes CUDA half-precision tensors with head sizes in
-    multiples of 8 (the key-bias channel keeps them so); torch ships it from 2.10."""
+    multiples of 8 (the key-bias channel keeps them so); torch ships it with a `scale` from
+    2.11 (the project pins 2.13)."""
     return (
         q.is_cuda
         and q.dtype in (torch.float16, torch.bfloat16)
@@ -106,10 +109,7 @@ def _flash_varlen(
     longest = max(end - start for start, end in itertools.pairwise(bounds))
     varlen_attn = _varlen_attn()
     assert varlen_attn is not None
-    if "scale" in inspect.signature(varlen_attn).parameters:
-        out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale)
-    else:  # torch 2.10 and older take the default 1/sqrt(head size): scale q instead
-        out = varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, longest, longest)
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scale)
     return out[..., :width]
 
 
@@ -128,6 +128,8 @@ def grouped_sdpa(
         if end > start:
             starts.setdefault(end - start, []).append(start)
     bias = None if key_bias is None else key_bias.to(q.dtype)
+    if not starts:  # nothing to attend over
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
     if len(starts) == 1:  # one length (a dense tower's windows): a view, no gather
         ((length, group),) = starts.items()
         return _batched(q, k, v, None, len(group), length, bias, scale).flatten(0, 1)

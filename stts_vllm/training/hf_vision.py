@@ -34,9 +34,10 @@ class _HFTower:
     all blocks.
 
     The blocks run here, on the blocks' own weights, with `varlen_attention` (one SDPA call
-    per window length) and the patch embedding's stride-equals-kernel Conv3d as the matmul it
-    is: transformers' SDPA path runs one attention call per window (`bench/train_step.py`:
-    1.07-1.18x per training step on the CPU demo). `stock_blocks` runs transformers' own
+    per window length; one FlashAttention varlen call on CUDA in half precision) and the
+    patch embedding's stride-equals-kernel Conv3d as the matmul it is: transformers' SDPA
+    path runs one attention call per window (`bench/train_step.py`: 1.07-1.18x per training
+    step on the CPU demo). `stock_blocks` runs transformers' own
     modules instead (the reference the tests and that benchmark compare with)."""
 
     taps: Sequence[int] = ()

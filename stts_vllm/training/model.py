@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -277,7 +278,9 @@ class STTSVideoQAModel(nn.Module):
     ) -> Outputs:
         device = next(self.hf.parameters()).device
         dtype = self.autocast_dtype
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        # None leaves a caller's own autocast (or none) alone
+        mixed = nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+        with mixed:
             return self._forward(batch, keep_ratios, aux_weight, explore, device)
 
     def _forward(

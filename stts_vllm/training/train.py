@@ -371,7 +371,9 @@ def _save_state(
         model.save(tmp, Path(config.init))
         state = {"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}
         device = torch.device(config.device)
-        if device.type == "cuda":  # the explored draws' noise; restored on a CUDA resume
+        # Nothing draws from the CUDA generator today (the explored draws use the CPU's); it
+        # is saved and restored so that whatever does later resumes exactly.
+        if device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(device)
         state |= {"stopped": stopped, "streak": streak, "config": _resume_fields(config)}
         torch.save(state, tmp / STATE_FILE)

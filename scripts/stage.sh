@@ -8,7 +8,8 @@ stage() {
   [[ -f $out/checkpoint/config.json ]] && return 0
   local from=()
   [[ -n $init ]] && from=(--init "$init/checkpoint")
-  # DEVICE=cuda trains there (states are saved device-free: a stage resumes anywhere)
+  # DEVICE=cuda trains there (states are saved device-free: a stage resumes anywhere);
+  # THREADS=N caps torch's CPU threads, so stages run side by side do not oversubscribe
   .venv/bin/stts-vllm train "$out" "${from[@]}" --seed "$seed" "$@" --resume true \
-    ${DEVICE:+--device "$DEVICE"}
+    ${DEVICE:+--device "$DEVICE"} ${THREADS:+--threads "$THREADS"}
 }

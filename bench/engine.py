@@ -34,6 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np
 
+DEFAULT_FAMILY = "qwen2_5_vl"  # its bench checkpoint keeps the unsuffixed folder name
+
 TARGETS = {
     "enc+prefill STTS 0.5 vs keep 1.0 @64f": 1.8,
     "enc+prefill STTS 0.5 vs keep 1.0 @128f": 2.0,
@@ -408,7 +410,7 @@ def main() -> None:
     parser.add_argument(
         "--family",
         choices=["qwen2_5_vl", "qwen3_vl"],
-        default="qwen2_5_vl",
+        default=DEFAULT_FAMILY,
         help="geometry built when no --checkpoint is given",
     )
     args = parser.parse_args()
@@ -417,15 +419,18 @@ def main() -> None:
     from transformers import AutoTokenizer
     from vllm import LLM
 
-    from stts_vllm.checkpoint import derive, make_bench, make_demo, read_config
+    from stts_vllm.checkpoint import derive, read_config
+    from stts_vllm.demo import demo_geometry, make_bench, make_demo
+    from stts_vllm.families import family_named
 
     tmp = Path(tempfile.mkdtemp(prefix="stts-bench-"))
     if args.smoke:
         args.frames, args.repeats = [8], 1
-        args.size = 112 if args.family == "qwen2_5_vl" else 128
+        # four merged units a side: frames the processor takes unresized
+        args.size = 4 * demo_geometry(family_named(args.family)).unit_pixels
         checkpoint = make_demo(tmp / "demo", scorer="learned", family=args.family)
     else:
-        name = "bench-checkpoint" + ("" if args.family == "qwen2_5_vl" else f"-{args.family}")
+        name = "bench-checkpoint" + ("" if args.family == DEFAULT_FAMILY else f"-{args.family}")
         checkpoint = args.checkpoint or args.out / name
         if not (Path(checkpoint) / "config.json").is_file():
             print(f"building the bench geometry checkpoint in {checkpoint}", file=sys.stderr)

@@ -462,7 +462,8 @@ def main() -> None:
         url = check_loopback(args.url or "http://127.0.0.1:8000")
         asyncio.run(sweep(url, "server", args.keep, args, summaries))
     else:
-        from stts_vllm.checkpoint import derive, make_demo
+        from stts_vllm.checkpoint import derive
+        from stts_vllm.demo import make_demo
 
         tmp = Path(tempfile.mkdtemp(prefix="stts-load-"))
         checkpoint = args.checkpoint or make_demo(tmp / "demo")

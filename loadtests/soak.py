@@ -300,7 +300,7 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         port = sock.getsockname()[1]
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from stts_vllm.checkpoint import make_demo
+        from stts_vllm.demo import make_demo
 
         checkpoint = make_demo(work / "model")
     process = launch(checkpoint, port, work, args.out / "server.log")

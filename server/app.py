@@ -9,14 +9,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from server.chat_inputs import load_chat
 from server.engine import EngineService
-from server.errors import install_error_handlers
+from server.error_handlers import install_error_handlers
 from server.file_store import FileStore
 from server.http_guard import RequestGuard
 from server.media import MediaLoader
 from server.routes import chat, files, service
 from server.settings import Settings
 from server.state import Admission, AppState
+from server.vllm_compat import build_chat_serving
 
 logger = logging.getLogger(__name__)
 
@@ -40,9 +42,6 @@ def create_app(settings: Settings, on_engine_death: Callable[[], None] | None = 
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        from server.chat_inputs import load_chat
-        from server.vllm_compat import build_chat_serving
-
         await engine.start()
         state.chat = build_chat_serving(
             engine.engine, settings, lambda request: load_chat(request, state)

@@ -14,35 +14,26 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from PIL import Image
 from pydantic import ValidationError
 
-from server.chat_request import FRAME_LIST_SCHEME
+from server.chat_request import FRAME_LIST_SCHEME, ChatRequest, LoadedChat
 from server.errors import APIError
 from server.frame_sampling import FramePlan, video_tokens
-from server.media import LoadedVideo
+from server.media import LoadedVideo, PreparedFrames, PreparedImage, PreparedVideo
 from server.media_errors import MediaError
 from server.schemas import STTSOptions, STTSReport, VideoReport
+from server.settings import Settings
 from server.state import AppState
-from server.video_options import resolve_video_options
 
 T = TypeVar("T")
 
 # Content part types that carry text, as vLLM's parser reads them.
 _TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
 _SUPPORTED_PARTS = sorted([*_TEXT_PARTS, "image_url", "video_url"])
-
-
-@dataclass
-class LoadedChat:
-    conversation: list[dict[str, Any]]
-    multi_modal_data: dict[str, Any]
-    mm_processor_kwargs: dict[str, Any]
-    report: STTSReport | None
-    videos: list[LoadedVideo] = field(default_factory=list)
 
 
 def resolve_keep_ratio(options: STTSOptions, state: AppState) -> float:
@@ -96,7 +87,7 @@ class _MediaItem:
     kind: str  # "image" | "video"
     url: str | None = None  # an image, or a video file
     frame_urls: list[str] | None = None  # a video sent as frame images
-    prepared: Any = None  # PreparedImage | PreparedFrames | PreparedVideo
+    prepared: PreparedImage | PreparedFrames | PreparedVideo | None = None
 
     @property
     def plan(self) -> FramePlan | None:
@@ -184,7 +175,7 @@ async def _all(coroutines: list[Coroutine[Any, Any, T]]) -> list[T]:
     return [task.result() for task in tasks]
 
 
-def _check_counts(items: list[_MediaItem], settings: Any) -> None:
+def _check_counts(items: list[_MediaItem], settings: Settings) -> None:
     """The request's media count, before anything is fetched."""
     for kind, limit, name in (
         ("video", settings.limit_videos_per_prompt, "limit_videos_per_prompt"),
@@ -224,10 +215,12 @@ class _Loader:
 
     async def prepare(self, item: _MediaItem) -> None:
         media = self.media
+        if item.frame_urls is not None:
+            item.prepared = await media.prepare_frames(item.frame_urls, self.owner, fps=self.fps)
+            return
+        assert item.url is not None  # an image or a video file: `_MessageParts` set its URL
         if item.kind == "image":
             item.prepared = await media.prepare_image(item.url, self.owner)
-        elif item.frame_urls is not None:
-            item.prepared = await media.prepare_frames(item.frame_urls, self.owner, fps=self.fps)
         else:
             options = self.options
             item.prepared = await media.prepare_video(
@@ -240,12 +233,14 @@ class _Loader:
                 test_time_scaling=options.test_time_scaling,
             )
 
-    async def load(self, item: _MediaItem) -> Any:
-        if item.kind == "image":
-            return await self.media.load_image(item.prepared)
-        if item.frame_urls is not None:
-            return await self.media.load_frames(item.prepared)
-        return await self.media.load_video(item.prepared)
+    async def load(self, item: _MediaItem) -> Image.Image | LoadedVideo:
+        prepared = item.prepared
+        if isinstance(prepared, PreparedImage):
+            return await self.media.load_image(prepared)
+        if isinstance(prepared, PreparedFrames):
+            return await self.media.load_frames(prepared)
+        assert isinstance(prepared, PreparedVideo), "load follows prepare"
+        return await self.media.load_video(prepared)
 
 
 def _check_video_tokens(items: list[_MediaItem], keep: float, state: AppState) -> None:
@@ -268,13 +263,14 @@ def _check_video_tokens(items: list[_MediaItem], keep: float, state: AppState) -
         )
 
 
-async def load_chat(body: Any, state: AppState) -> LoadedChat:
-    """The conversation with media placeholders, the loaded media and the STTS report.
+async def load_chat(body: ChatRequest, state: AppState) -> LoadedChat:
+    """The conversation with media placeholders, the loaded media and the STTS report, with
+    the frame options the route resolved (`body.context`).
 
     The whole request is admitted before its costly part: media counted before any fetch,
     every item fetched and probed (one frame each) and its token cost checked before any
     video is decoded."""
-    options = resolve_video_options(body, state.settings.max_frames)
+    options = body.context.video_options
     keep = resolve_keep_ratio(options, state)
     limit = state.settings.max_media_per_message
     conversation: list[dict[str, Any]] = []
@@ -297,20 +293,20 @@ async def load_chat(body: Any, state: AppState) -> LoadedChat:
         conversation.append(_conversation_message(message, content))
     _check_counts(items, state.settings)
 
-    loader = _Loader(state, options, keep, body.served.owner)
+    loader = _Loader(state, options, keep, body.context.owner)
     await _all([loader.prepare(item) for item in items])
     _check_video_tokens(items, keep, state)
     loaded = await _all([loader.load(item) for item in items])
 
-    images: list[Image.Image] = [m for i, m in zip(items, loaded, strict=True) if i.kind == "image"]
-    videos: list[LoadedVideo] = [m for i, m in zip(items, loaded, strict=True) if i.kind == "video"]
+    images = [m for m in loaded if isinstance(m, Image.Image)]
+    videos = [m for m in loaded if isinstance(m, LoadedVideo)]
     mm_data: dict[str, Any] = {}
     if images:
         mm_data["image"] = images
     if videos:
         mm_data["video"] = [(v.frames, _video_metadata(v)) for v in videos]
     processor_kwargs = {"stts_keep_ratio": keep} if state.engine.facts.is_stts and videos else {}
-    return LoadedChat(conversation, mm_data, processor_kwargs, _report(videos, keep, state), videos)
+    return LoadedChat(conversation, mm_data, processor_kwargs, _report(videos, keep, state))
 
 
 def _report(videos: list[LoadedVideo], keep: float, state: AppState) -> STTSReport | None:

@@ -1,15 +1,22 @@
-"""The body of `POST /v1/chat/completions`: vLLM's own `ChatCompletionRequest`, so the field
-set, the ranges, the defaults, the validators and `to_sampling_params` are vLLM's and follow it
-when it changes; plus our `stts` extension, and refusals (400 naming the field) of what this
-server cannot honour, where vLLM would accept and silently drop it.
+"""The request types of `POST /v1/chat/completions`.
 
-Unknown fields are accepted and ignored, as vLLM does; the route logs their names.
+The body is vLLM's own `ChatCompletionRequest`, so the field set, the ranges, the defaults, the
+validators and `to_sampling_params` are vLLM's and follow it when it changes; plus our `stts`
+extension, and refusals (400 naming the field) of what this server cannot honour, where vLLM
+would accept and silently drop it. Unknown fields are accepted and ignored, as vLLM does; the
+route logs their names.
+
+The request object is the one value vLLM's serving code hands through every step (render,
+generate, format), so it also carries what the route decided before serving it
+(`RequestContext`) and what serving it taught the server (`ServedFacts`). `LoadedChat` is the
+request once its media are loaded: what our renderer hands to vLLM's.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import PrivateAttr, model_validator
@@ -50,31 +57,59 @@ def _refuse(message: str, parameter: str) -> VLLMValidationError:
     return VLLMValidationError(message, parameter=parameter)
 
 
+@dataclass(frozen=True)
+class RequestContext:
+    """What the route decided about a request before serving it, for the media loader."""
+
+    owner: str = SHARED_OWNER  # whose uploaded files the request may use
+    video_options: STTSOptions = field(default_factory=STTSOptions)  # all sources, resolved once
+
+
 @dataclass
 class ServedFacts:
-    """What serving one request taught the server, for the route to report: the request object
-    is the one value vLLM's serving code hands through every step (render, generate, format)."""
+    """What serving one request taught the server, for the route to report."""
 
     stts: STTSReport | None = None
     first_token_at: float | None = None
     decode_seconds: float | None = None
     completion_tokens: int = 0
-    owner: str = SHARED_OWNER  # whose uploaded files the request may use
     failed_before_output: bool = False  # the engine ended it with an error, no token out
+
+
+@dataclass
+class LoadedChat:
+    """A request's messages in vLLM's conversation format (media as `{"type": "image" |
+    "video"}` placeholders for the chat template), the media the engine needs, and the report of
+    what STTS did."""
+
+    conversation: list[dict[str, Any]]
+    multi_modal_data: dict[str, Any]
+    mm_processor_kwargs: dict[str, Any]
+    report: STTSReport | None
 
 
 class ChatRequest(ChatCompletionRequest):
     stts: STTSOptions | None = None
 
+    _context: RequestContext | None = PrivateAttr(default=None)
     _served: ServedFacts = PrivateAttr(default_factory=ServedFacts)
+
+    @property
+    def context(self) -> RequestContext:
+        if self._context is None:
+            raise RuntimeError("a chat request is served only after the route set its context")
+        return self._context
+
+    def set_context(self, context: RequestContext) -> None:
+        self._context = context
 
     @property
     def served(self) -> ServedFacts:
         return self._served
 
     def serve_again(self) -> None:
-        """Fresh facts for a second attempt (same owner)."""
-        self._served = ServedFacts(owner=self._served.owner)
+        """Fresh facts for a second attempt (the context stays)."""
+        self._served = ServedFacts()
 
     @model_validator(mode="before")
     @classmethod
@@ -112,3 +147,7 @@ class ChatRequest(ChatCompletionRequest):
                     "logit_bias",
                 )
         return data
+
+
+LoadChat = Callable[[ChatRequest], Awaitable[LoadedChat]]
+"""Loads a request's media (`server.chat_inputs.load_chat`, bound to the app's state)."""

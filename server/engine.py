@@ -51,15 +51,14 @@ def read_model_facts(settings: Settings) -> ModelFacts:
                 f"{source}: the video processor config has no size.{size_key} ({legacy_key})"
             )
         bounds[bound] = value
-    timestamped = family.name != "qwen2_5_vl"  # the Qwen3-VL family's processors
     geometry = VisionGeometry(
         patch_size=field("patch_size"),
         merge_size=field("merge_size"),
         temporal_patch_size=field("temporal_patch_size"),
         min_pixels=int(settings.frame_min_pixels or bounds["min_pixels"]),
         max_pixels=int(settings.frame_max_pixels or bounds["max_pixels"]),
-        per_video_pixels=timestamped,
-        timestamped=timestamped,
+        per_video_pixels=family.bounds_video_volume,
+        timestamped=family.timestamped,
     )
     is_stts = any(f.stts_architecture in config.get("architectures", []) for f in FAMILIES)
     keep = float((config.get("stts") or {}).get("keep_ratio", 1.0)) if is_stts else 1.0

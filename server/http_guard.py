@@ -16,6 +16,7 @@ from typing import Any
 from server import metrics
 from server.auth import OWNER_KEY, authenticate
 from server.errors import error_body
+from server.state import AppState
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -62,9 +63,9 @@ async def _send_error(
 
 
 class RequestGuard:
-    """Wraps the FastAPI app; `state` is the app's `AppState` (settings, draining flag)."""
+    """Wraps the FastAPI app; reads the app's settings and draining flag."""
 
-    def __init__(self, app: ASGIApp, state: Any) -> None:
+    def __init__(self, app: ASGIApp, state: AppState) -> None:
         self.app = app
         self.state = state
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 
@@ -14,6 +14,7 @@ from server.errors import ENGINE_DEAD, APIError
 from server.file_store import FileStore
 from server.media import MediaLoader
 from server.settings import Settings
+from server.vllm_compat import ChatServing
 
 
 class Admission:
@@ -69,8 +70,19 @@ class AppState:
     files: FileStore
     media: MediaLoader
     admission: Admission
-    chat: Any = None  # vLLM's chat serving over the engine (`server.vllm_compat`), once started
+    chat: ChatServing | None = None  # vLLM's chat serving over the engine, once started
     draining: bool = False  # SIGTERM came: new API requests get 503, in-flight ones finish
+
+    @property
+    def chat_serving(self) -> ChatServing:
+        """The chat serving; 503 in the moment between the engine's start and its serving."""
+        if self.chat is None:
+            raise _not_ready()
+        return self.chat
+
+
+def _not_ready() -> APIError:
+    return APIError(503, "model is still loading", code="not_ready", headers={"Retry-After": "5"})
 
 
 def get_state(request: Request) -> AppState:
@@ -93,9 +105,7 @@ def require_ready(request: Request) -> None:
     if request.app.state.stts.engine.dead:
         raise APIError(503, ENGINE_DEAD, code="engine_dead")
     if not request.app.state.stts.engine.ready.is_set():
-        raise APIError(
-            503, "model is still loading", code="not_ready", headers={"Retry-After": "5"}
-        )
+        raise _not_ready()
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

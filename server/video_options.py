@@ -6,6 +6,9 @@ A client written for `vllm serve` gets the frames it asked for here too. Where t
 the same knob to different values the request is refused (400 naming both), since either
 choice would silently drop what the client said. Keys we cannot map onto the plan (e.g. the
 processor's `max_pixels`: the server sizes frames itself) are refused rather than ignored.
+
+Resolved once per request, by the chat service before admission; the media loader reads the
+result from the request's context.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from server.chat_request import ChatRequest
 from server.errors import APIError
 from server.schemas import STTSOptions
 
@@ -27,7 +31,7 @@ _PROCESSOR_KEYS = {
 _MEDIA_IO_VIDEO_KEYS = {"fps": "fps", "num_frames": "num_frames"}
 
 
-def _sources(body: Any) -> list[tuple[str, str, Any]]:
+def _sources(body: ChatRequest) -> list[tuple[str, str, Any]]:
     """(param path, our field, value) for every knob the request sets, in precedence order."""
     found: list[tuple[str, str, Any]] = []
     if body.stts is not None:
@@ -64,7 +68,7 @@ def _sources(body: Any) -> list[tuple[str, str, Any]]:
     return found
 
 
-def resolve_video_options(body: Any, max_frames: int | None = None) -> STTSOptions:
+def resolve_video_options(body: ChatRequest, max_frames: int | None = None) -> STTSOptions:
     """The request's frame options, all sources merged; 400 on a bad value or a conflict.
 
     With the server's `max_frames`: a client's `num_frames` above it is refused (400 naming

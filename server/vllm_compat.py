@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -27,13 +27,10 @@ from vllm.renderers.chat_utils import _postprocess_messages
 from vllm.renderers.hf import safe_apply_chat_template
 from vllm.renderers.online_renderer import OnlineRenderer
 
-from server.chat_inputs import LoadedChat
-from server.chat_request import ChatRequest
+from server.chat_request import ChatRequest, LoadChat
 from server.settings import Settings
 
 FOLLOWS_VLLM = "0.32.0"
-
-LoadChat = Callable[[ChatRequest], Awaitable[LoadedChat]]
 
 
 class MediaRenderer(OnlineRenderer):

@@ -1,4 +1,4 @@
-"""`stts-vllm`: build the demo checkpoint, convert a stock one, serve the demo.
+"""`stts-vllm`: build the demo checkpoint, convert a stock one, serve the demo, train, eval.
 
 Flags and `STTS_*` environment variables both work (pydantic-settings), e.g.
 `stts-vllm make-demo artifacts/demo --keep-ratio 0.5` or `STTS_PORT=9000 stts-vllm serve-demo D`.
@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Literal
 
 from pydantic import BaseModel, Field, model_validator
@@ -21,12 +20,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from stts_vllm.training.config import (
-    TrainConfig,
-    check_device,
-    check_exploration,
-    check_frames,
-)
+from stts_vllm.eval.config import EvalConfig
+from stts_vllm.training.config import TrainConfig
+from stts_vllm.training.knobs import TrainingKnobs
 from stts_vllm.training.videoqa import TRAINABLE
 
 
@@ -43,7 +39,7 @@ class MakeDemo(BaseModel):
     vit_depth: int = 4
 
     def cli_cmd(self) -> None:
-        from stts_vllm.checkpoint import make_demo
+        from stts_vllm.demo import make_demo
 
         path = make_demo(
             self.out,
@@ -122,79 +118,6 @@ class ServeDemo(BaseModel):
         os.execv(sys.executable, argv)
 
 
-class TrainingKnobs(BaseModel):
-    """The optimisation settings `train` and `quality` share: fields of `TrainConfig`, whose
-    defaults they take."""
-
-    steps: int = TrainConfig.steps
-    batch_size: int = TrainConfig.batch_size
-    lr: float = TrainConfig.lr
-    scorer_lr: float = TrainConfig.scorer_lr
-    aux_weight: float = TrainConfig.aux_weight
-    warmup: int = TrainConfig.warmup
-    keep_ratios: list[float] = Field(
-        list(TrainConfig.keep_ratios),
-        description="each training item's keep ratio is drawn from these; only items below "
-        "1.0 pass the answer's gradient to the scorer",
-    )
-    frames: list[int] = Field(
-        list(TrainConfig.frames),
-        min_length=1,
-        description="frames per training clip (even, at least 8), drawn per step from these; "
-        "list one twice to draw it twice as often",
-    )
-    explore: float = Field(
-        TrainConfig.explore,
-        ge=0,
-        description="> 0: draw the learned scorer's kept sets at this temperature (Gumbel "
-        "top-k) instead of the top-k; not the paper's recipe",
-    )
-    policy_weight: float = Field(
-        TrainConfig.policy_weight,
-        ge=0,
-        description="weight of the REINFORCE term on the explored draws (needs --explore)",
-    )
-    answer_loss_on: Literal["draws", "top_k"] = Field(
-        TrainConfig.answer_loss_on,
-        description="with --policy-weight: the kept sets whose answer loss trains the model, "
-        "the drawn ones or the top-k (the draws then only reward the scorer)",
-    )
-    tasks: list[Literal[*TRAINABLE]] = Field(  # type: ignore[valid-type]
-        list(TrainConfig.tasks),
-        min_length=1,
-        description="the training mix: the batch cycles through these tasks; list one twice "
-        "to give it twice the questions (a curriculum of a few tasks, for instance)",
-    )
-
-    device: str = Field(
-        TrainConfig.device,
-        description="where training runs: cpu, cuda or cuda:N (states and checkpoints are "
-        "saved device-free: a run resumes on another device)",
-    )
-
-    dtype: Literal["float32", "bfloat16"] = Field(
-        TrainConfig.dtype,
-        description="bfloat16: mixed precision (autocast; weights, optimizer and scorer stay "
-        "float32), what a GPU trains a real checkpoint in; on CUDA the pruned windows then "
-        "run as one FlashAttention varlen call",
-    )
-
-    @model_validator(mode="after")
-    def _device_is_known(self) -> TrainingKnobs:
-        check_device(self.device)
-        return self
-
-    @model_validator(mode="after")
-    def _exploration_knobs_agree(self) -> TrainingKnobs:
-        check_exploration(self.explore, self.policy_weight, self.answer_loss_on)
-        return self
-
-    @model_validator(mode="after")
-    def _frames_are_clip_lengths(self) -> TrainingKnobs:
-        check_frames(self.frames)
-        return self
-
-
 class Train(TrainingKnobs):
     """Train STTS on procedural video QA (transformers model, the same STTS core as vLLM).
 
@@ -263,61 +186,37 @@ class Eval(BaseModel):
     on a procedural video-QA split; prints a table, writes OUT/eval.json and OUT/eval.png."""
 
     checkpoint: CliPositionalArg[Path]
-    out: Path = Path("artifacts/eval")
-    samples: int = Field(200, description="questions per row")
-    ratios: list[float] = Field([0.5, 0.3, 0.2], description="keep ratios to compare at")
-    methods: list[str] = Field(
-        ["none", "random", "evs", "heuristic", "learned"], description="rows to run"
-    )
-    long: bool = Field(True, description="also the long-video test-time scaling rows")
-    distractor: bool = Field(True, description="also the distractor-split rows")
+    out: Path = EvalConfig.out
+    samples: int = Field(EvalConfig.samples, description="questions per row")
+    ratios: list[float] = Field(list(EvalConfig.ratios), description="keep ratios to compare at")
+    methods: list[str] = Field(list(EvalConfig.methods), description="rows to run")
+    long: bool = Field(EvalConfig.long, description="also the long-video test-time scaling rows")
+    distractor: bool = Field(EvalConfig.distractor, description="also the distractor-split rows")
     selections: list[str] | None = Field(
-        None,
+        EvalConfig.selections,
         description="STTS selections to run besides the checkpoint's own "
         "(default: the other one where the family allows it; [] for none)",
     )
-    server: str | None = Field(None, description="evaluate through this server's HTTP API")
-    api_key: str | None = None
-    compare_hf: int = Field(0, description="also check N answers against the HF model")
+    server: str | None = Field(
+        EvalConfig.server, description="evaluate through this server's HTTP API"
+    )
+    api_key: str | None = EvalConfig.api_key
+    compare_hf: int = Field(
+        EvalConfig.compare_hf, description="also check N answers against the HF model"
+    )
+
+    @model_validator(mode="after")
+    def _config_is_valid(self) -> Eval:
+        self.config()  # refused here, before an engine starts
+        return self
+
+    def config(self) -> EvalConfig:
+        return EvalConfig(**self.model_dump())
 
     def cli_cmd(self) -> None:
-        from stts_vllm.training.evaluate import run_eval
+        from stts_vllm.eval.run import run_eval
 
-        run_eval(self)
-
-
-class Quality(TrainingKnobs):
-    """Train several seeds, evaluate each on every row, aggregate (mean, seeds, pooled 95%
-    interval) and check the quality targets; writes OUT/quality.json and OUT/quality.png.
-    Finished seeds are reused, so a stopped run continues."""
-
-    out: CliPositionalArg[Path]
-    seeds: list[int] = Field([0, 1, 2], description="one training run per seed")
-    init: Path | None = Field(
-        None, description="start every seed from this checkpoint (default: fresh demos)"
-    )
-    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"
-    text_layers: int = Field(
-        4,
-        ge=1,
-        description="LLM depth of the fresh demos (the serving demo has 2): time questions",
-    )
-    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
-    steps: int = 1200
-    samples: int = Field(600, description="eval questions per row per seed")
-    ratios: list[float] = Field([0.5, 0.3, 0.2], description="keep ratios to compare at")
-    unit_samples: int = Field(
-        200, description="distractor clips on which to count how often the answer unit is kept"
-    )
-
-    def cli_cmd(self) -> None:
-        import logging
-
-        from stts_vllm.training.quality import run_quality
-
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        train_fields = self.model_dump(include=set(TrainingKnobs.model_fields))
-        run_quality(SimpleNamespace(**self.model_dump(), train_fields=train_fields))
+        run_eval(self.config())
 
 
 class Main(BaseSettings):
@@ -330,7 +229,6 @@ class Main(BaseSettings):
     serve_demo: CliSubCommand[ServeDemo]
     train: CliSubCommand[Train]
     eval: CliSubCommand[Eval]
-    quality: CliSubCommand[Quality]
 
     def cli_cmd(self) -> None:
         CliApp.run_subcommand(self)

@@ -24,6 +24,7 @@ from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 from stts_vllm.core import BIAS_CHANNELS, STTSConfig, STTSScorer, with_key_bias_channel
 from stts_vllm.core.driver import PrunedTower, PruningPlan, Rotary, plan_pruning, run_pruned_tower
 from stts_vllm.core.packing import PackedUnits
+from stts_vllm.families import tower_adapter_class
 
 
 def install_biased_kernel(visual: nn.Module, block: int) -> MMEncoderAttention:
@@ -228,11 +229,8 @@ class Qwen3_VLTower(_VLLMTower):
 
 
 def tower_adapter(visual: nn.Module) -> _VLLMTower:
-    if isinstance(visual, Qwen3_VisionTransformer):
-        return Qwen3_VLTower(visual)
-    if isinstance(visual, Qwen2_5_VisionTransformer):
-        return Qwen2_5_VLTower(visual)
-    raise TypeError(f"no STTS adapter for vision tower {type(visual).__name__}")
+    """The adapter its family names for this vLLM tower (`Family.vllm_tower`)."""
+    return tower_adapter_class(visual, "vllm")(visual)
 
 
 def pruned_vision_forward(

@@ -27,7 +27,14 @@ from vllm.multimodal.inputs import (
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
-from stts_vllm.core import STTSConfig, mrope_positions, mrope_time_factor, retained_count
+from stts_vllm.core import (
+    STTSConfig,
+    grid_placement,
+    mrope_positions,
+    mrope_time_factor,
+    prompt_mrope_positions,
+    retained_count,
+)
 from stts_vllm.families import family_named
 from stts_vllm.positions import POSITION_LIMIT
 from stts_vllm.stts_model import STTSModelMixin, STTSProcessingInfoMixin, STTSProcessorMixin
@@ -145,21 +152,13 @@ class STTSQwen2_5_VLForConditionalGeneration(STTSModelMixin, Qwen2_5_VLForCondit
         prompt with two pruned videos. Pruned items' own columns are placeholders that
         `recompute_mrope_positions` overwrites once the encoder has chosen the kept units."""
         features = sorted(mm_features, key=lambda f: f.mm_position.offset)
-        columns: list[torch.Tensor] = []
-        consumed = next_position = 0
-        for feature, (offset, t, h, w, t_factor) in zip(
-            features, self.iter_mm_grid_thw(mm_features), strict=True
-        ):
-            text_len = offset - consumed
-            columns.append(torch.arange(text_len).expand(3, -1) + next_position)
-            base = next_position + text_len
-            grid = mrope_positions(t, h, w, t_factor)
-            length = feature.mm_position.length
-            columns.append(grid[:, :length] + base)
-            next_position = base + int(grid.max()) + 1
-            consumed = offset + length
-        tail = len(input_tokens) - consumed
-        columns.append(torch.arange(tail).expand(3, -1) + next_position)
-        positions = torch.cat(columns, dim=1)
-        delta = int(positions.max()) + 1 - len(input_tokens) if positions.numel() else 0
-        return positions, delta
+        media = [(f.mm_position.offset, f.mm_position.length) for f in features]
+        grids = [
+            mrope_positions(t, h, w, t_factor)
+            for _, t, h, w, t_factor in self.iter_mm_grid_thw(mm_features)
+        ]
+        return prompt_mrope_positions(
+            len(input_tokens),
+            media,
+            lambda i, start: grid_placement(grids[i], start, slice(media[i][1])),
+        )

@@ -40,7 +40,14 @@ from vllm.multimodal.inputs import MultiModalFeatureSpec
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import InputProcessingContext, PromptReplacement, PromptUpdate
 
-from stts_vllm.core import step_positions, step_quotas, timestamped_video_positions
+from stts_vllm.core import (
+    grid_placement,
+    prompt_mrope_positions,
+    step_positions,
+    step_quotas,
+    timestamped_video_positions,
+)
+from stts_vllm.core.mrope import Placement
 from stts_vllm.families import family_named
 from stts_vllm.stts_model import STTSModelMixin, STTSProcessingInfoMixin, STTSProcessorMixin
 
@@ -197,35 +204,26 @@ class _STTSQwen3VLMixin(STTSModelMixin):
         kept. Pruned steps' columns are placeholders that `recompute_mrope_positions`
         overwrites once the encoder has chosen the kept units."""
         cfg = self.config
-        columns: list[torch.Tensor] = []
-        consumed = next_position = 0
-        for feature in sorted(mm_features, key=lambda f: f.mm_position.offset):
-            offset, length = feature.mm_position.offset, feature.mm_position.length
-            text_len = offset - consumed
-            columns.append(torch.arange(text_len).expand(3, -1) + next_position)
-            next_position += text_len
+        features = sorted(mm_features, key=lambda f: f.mm_position.offset)
+        media = [(f.mm_position.offset, f.mm_position.length) for f in features]
+
+        def place(i: int, start: int) -> Placement:
+            feature, (offset, length) = features[i], media[i]
             grid_key = "image_grid_thw" if feature.modality == "image" else "video_grid_thw"
             _, h, w = self._unit_grid(feature.data[grid_key].data.tolist())
             if feature.modality == "image":
-                columns.append(step_positions(h, w)[:, :length] + next_position)
-                next_position += max(h, w)
-            else:
-                item, next_position = timestamped_video_positions(
-                    input_tokens[offset : offset + length],
-                    h,
-                    w,
-                    next_position,
-                    video_token=cfg.video_token_id,
-                    vision_start=cfg.vision_start_token_id,
-                    vision_end=cfg.vision_end_token_id,
-                )
-                columns.append(item)
-            consumed = offset + length
-        tail = len(input_tokens) - consumed
-        columns.append(torch.arange(tail).expand(3, -1) + next_position)
-        positions = torch.cat(columns, dim=1)
-        delta = int(positions.max()) + 1 - len(input_tokens) if positions.numel() else 0
-        return positions, delta
+                return grid_placement(step_positions(h, w), start, slice(length))
+            return timestamped_video_positions(
+                input_tokens[offset : offset + length],
+                h,
+                w,
+                start,
+                video_token=cfg.video_token_id,
+                vision_start=cfg.vision_start_token_id,
+                vision_end=cfg.vision_end_token_id,
+            )
+
+        return prompt_mrope_positions(len(input_tokens), media, place)
 
 
 def _register(info: type) -> Any:

@@ -14,11 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from stts_vllm.checkpoint import (
     SCORER_FILE,
-    SPECIAL_TOKENS,
     STOCK_ARCHITECTURE,
     STTS_ARCHITECTURE,
     convert,
-    make_demo,
     random_scorer_state_dict,
     read_config,
     scorer_state_dict_to_file,
@@ -26,6 +24,7 @@ from stts_vllm.checkpoint import (
     write_stts_block,
 )
 from stts_vllm.core.config import STTSConfigError
+from stts_vllm.demo import SPECIAL_TOKENS, make_demo
 
 INDEX = "model.safetensors.index.json"
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from stts_vllm.checkpoint import SPECIAL_TOKENS, convert, derive, make_demo, read_config
+from stts_vllm.checkpoint import convert, derive, read_config
 from stts_vllm.core.config import STTSConfigError
+from stts_vllm.demo import SPECIAL_TOKENS, make_demo
 from stts_vllm.families import FAMILIES
 
 

@@ -1,17 +1,11 @@
-"""Packing kept units into varlen sequences, and M-RoPE positions."""
+"""Packing kept units into the ViT's varlen sequences and windows."""
 
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from stts_vllm.core import (
-    mrope_positions,
-    mrope_time_factor,
-    pack_kept_units,
-    token_rows,
-    window_partition,
-)
+from stts_vllm.core import pack_kept_units, token_rows, window_partition
 
 GRIDS = [(1, 4, 4), (2, 3, 5), (3, 8, 8), (2, 9, 7), (4, 1, 1), (1, 5, 13)]
 
@@ -62,15 +56,6 @@ def test_pack_rejects_mask_of_wrong_size() -> None:
         pack_kept_units([(2, 2, 2)], [torch.ones(7, dtype=torch.bool)], window=4, unit_size=4)
 
 
-def test_mrope_positions_match_stock_formula() -> None:
-    import numpy as np
-
-    t, h, w, factor = 5, 3, 4, 0.7
-    stock = np.indices((t, h, w))
-    stock[0] = (stock[0] * factor).astype(np.int64)
-    assert torch.equal(mrope_positions(t, h, w, factor), torch.from_numpy(stock.reshape(3, -1)))
-
-
 def test_pack_without_windows_keeps_original_order_one_sequence_per_step() -> None:
     """Qwen3-VL's tower: no window order; attention per temporal step."""
     keep = torch.tensor([[1, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
@@ -80,15 +65,3 @@ def test_pack_without_windows_keeps_original_order_one_sequence_per_step() -> No
     assert packed.cu_seqlens.tolist() == [0, 16, 20]  # the empty step is dropped
     assert torch.equal(packed.cu_window_seqlens, packed.cu_seqlens)
     assert packed.restore.tolist() == [0, 1, 2, 3, 4]
-
-
-def test_training_and_serving_time_factors_agree() -> None:
-    """Serving gets `second_per_grid_ts` as a float32 tensor; training computes 2 / fps. At
-    25 fps the float64 factor puts step 25 one position lower: both now use float32."""
-    serving = float(torch.tensor([2 / 25], dtype=torch.float32)[0]) * 2
-    assert mrope_time_factor(2 / 25, 2) == serving
-    steps = torch.arange(64, dtype=torch.float64)
-    float64_positions = (steps * (4 / 25)).long()
-    ours = mrope_positions(64, 1, 1, mrope_time_factor(2 / 25, 2))[0]
-    assert not torch.equal(float64_positions, ours)  # the bug this guards against
-    assert torch.equal(ours, (steps * serving).long())

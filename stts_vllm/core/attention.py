@@ -51,12 +51,11 @@ def varlen_attention(
 
     On a GPU in half precision, one FlashAttention varlen call (`torch.nn.attention.varlen`)
     for every sequence, the key bias as one more channel: after pruning, a ViT's windows
-    keep a few dozen different lengths, and one SDPA call per length cost more on an H200
-    than the pruning saved (the 7B's tower, 16 frames of 448² in bfloat16: keep 0.5 took
-    0.118 s, keep 1.0 0.069 s; README, "The vision tower on a GPU"). Elsewhere, sequences of
-    one length run as one batched SDPA call: a few hundred short windows of a handful of
-    lengths, where one call per sequence pays the per-call overhead hundreds of times per
-    block (`bench/train_step.py`)."""
+    keep a few dozen different lengths, and one SDPA call per length can cost more on a GPU
+    than the pruning saves (docs/benchmarks.md, the vision tower on a GPU). Elsewhere,
+    sequences of one length run as one batched SDPA call: a few hundred short windows of a
+    handful of lengths, where one call per sequence pays the per-call overhead hundreds of
+    times per block (`bench/train_step.py`)."""
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0 or bounds[-1] != q.shape[0]:
         raise ValueError(
@@ -65,8 +64,8 @@ def varlen_attention(
     if q.shape[0] == 0:  # nothing to attend over
         return q.new_empty(*q.shape[:-1], v.shape[-1])
     lengths = {end - start for start, end in itertools.pairwise(bounds)} - {0}
-    # One length (a dense tower's windows) is one batched SDPA call over a view, faster than
-    # the varlen kernel on the H200 too (keep 1.0: 0.069 vs 0.086 s at 16 frames).
+    # One length (a dense tower's windows) is one batched SDPA call over a view, no gather:
+    # faster than the varlen kernel on a GPU too (docs/benchmarks.md).
     if len(lengths) > 1 and flash_varlen_fits(q, k, v):
         return _flash_varlen(q, k, v, cu_seqlens, bounds, scale, key_bias)
     return grouped_sdpa(q, k, v, bounds, scale, key_bias)

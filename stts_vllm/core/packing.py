@@ -1,4 +1,4 @@
-"""Where kept units go: the ViT's variable-length sequences and the LLM's M-RoPE grid.
+"""Where kept units go in the ViT: its variable-length sequences (`cu_seqlens`, windows).
 
 Vocabulary (Qwen2.5-VL geometry): a *unit* is one LLM token, the `m = merge²` patches the
 merger pools together; a video item is a grid of `T x H x W` units (`H, W` in units, not
@@ -121,79 +121,3 @@ def pack_kept_units(
         cu_window_seqlens=_cumulative(window_counts, unit_size),
         kept_per_item=[int(k.sum()) for k in keeps],
     )
-
-
-def mrope_time_factor(seconds_per_step: float, tokens_per_second: float) -> float:
-    """M-RoPE time positions per temporal step, as serving computes it: the processor hands
-    `second_per_grid_ts` (= temporal patch / fps) over as a float32 tensor, and the position
-    code multiplies that float32 value by `tokens_per_second`. Training must use the same
-    rounding, or at some frame rates (e.g. 25 fps) a step lands one position off."""
-    rounded = float(torch.tensor(float(seconds_per_step), dtype=torch.float32))
-    return rounded * float(tokens_per_second)
-
-
-def mrope_positions(num_steps: int, units_h: int, units_w: int, t_factor: float) -> torch.Tensor:
-    """`[3, T*H*W]` (t, h, w) M-RoPE positions of every unit, in original order, relative to
-    the media start. `t = floor(step * t_factor)` in float64, exactly as the stock Qwen2.5-VL
-    position code computes it (`t_factor` = seconds per step x tokens per second)."""
-    t = (torch.arange(num_steps, dtype=torch.float64) * float(t_factor)).long()
-    grid_t = t.view(-1, 1, 1).expand(num_steps, units_h, units_w)
-    grid_h = torch.arange(units_h).view(1, -1, 1).expand(num_steps, units_h, units_w)
-    grid_w = torch.arange(units_w).view(1, 1, -1).expand(num_steps, units_h, units_w)
-    return torch.stack([grid_t, grid_h, grid_w]).reshape(3, -1)
-
-
-def step_positions(units_h: int, units_w: int) -> torch.Tensor:
-    """`[3, H*W]` `(0, y, x)`: the M-RoPE positions of one Qwen3-VL temporal step (or image)
-    relative to the token after its vision start; time lives in the text timestamps."""
-    grid = torch.stack(
-        torch.meshgrid(torch.arange(units_h), torch.arange(units_w), indexing="ij")
-    ).reshape(2, -1)
-    return torch.cat([torch.zeros_like(grid[:1]), grid])
-
-
-def timestamped_video_positions(
-    tokens: Sequence[int],
-    units_h: int,
-    units_w: int,
-    next_position: int,
-    *,
-    video_token: int,
-    vision_start: int,
-    vision_end: int,
-    keep_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """`[3, len(tokens)]` M-RoPE positions of a Qwen3-VL video's prompt span (`<t seconds>`
-    `<|vision_start|>` + a step's video tokens + `<|vision_end|>`, per step), for any per-step
-    token counts, and the position after it. Text advances one by one; a step's video tokens
-    take `(0, y, x)` after its vision start: of the kept units when `keep_mask` (`[T * H * W]`,
-    original order) is given, else the stock grid's first ones (placeholders until the kept
-    units are known); the step's vision end sits where the unpruned step ends,
-    `start + max(H, W)`, however many tokens the step kept."""
-    step = step_positions(units_h, units_w)
-    units = torch.arange(units_h * units_w)
-    kept_units = (
-        None
-        if keep_mask is None
-        else [units[m] for m in keep_mask.reshape(-1, units_h * units_w).cpu()]
-    )
-    index = -1
-    span = max(units_h, units_w)
-    positions = torch.empty(3, len(tokens), dtype=torch.long)
-    base = kept = 0
-    in_step = False
-    for i, token in enumerate(tokens):
-        if token == video_token:
-            unit = kept if kept_units is None else int(kept_units[index][kept])
-            positions[:, i] = step[:, unit] + base
-            kept += 1
-        elif token == vision_end and in_step:
-            positions[:, i] = base + span
-            next_position = base + span + 1
-            in_step = False
-        else:
-            positions[:, i] = next_position
-            next_position += 1
-            if token == vision_start:
-                base, kept, in_step, index = next_position, 0, True, index + 1
-    return positions, next_position

@@ -1,5 +1,5 @@
-"""The training run's settings, apart from the loop: the `train` / `quality` CLI takes its
-defaults from here, so the two never disagree on the recipe a flagless run trains."""
+"""The training run's settings, apart from the loop: the command lines (`knobs.TrainingKnobs`)
+take their defaults from here, so they never disagree on the recipe a flagless run trains."""
 
 from __future__ import annotations
 

@@ -24,6 +24,7 @@ from transformers.vision_utils import get_vision_position_ids
 from stts_vllm.core import STTSConfig, varlen_attention
 from stts_vllm.core.driver import PrunedTower, PruningPlan, Rotary, plan_pruning, run_pruned_tower
 from stts_vllm.core.packing import PackedUnits
+from stts_vllm.families import tower_adapter_class
 
 PrunedVisionOutput = PrunedTower  # the training code's name for the driver's output
 
@@ -36,9 +37,9 @@ class _HFTower:
     The blocks run here, on the blocks' own weights, with `varlen_attention` (one SDPA call
     per window length; one FlashAttention varlen call on CUDA in half precision) and the
     patch embedding's stride-equals-kernel Conv3d as the matmul it is: transformers' SDPA
-    path runs one attention call per window (`bench/train_step.py`: 1.07-1.18x per training
-    step on the CPU demo). `stock_blocks` runs transformers' own
-    modules instead (the reference the tests and that benchmark compare with)."""
+    path runs one attention call per window, which `bench/train_step.py` measures against
+    this. `stock_blocks` runs transformers' own modules instead (the reference the tests
+    and that benchmark compare with)."""
 
     taps: Sequence[int] = ()
     window: int | None = None
@@ -141,7 +142,7 @@ class HFQwen3_VLTower(_HFTower):
 
     def __init__(self, visual: Any, stock_blocks: bool = False) -> None:
         super().__init__(visual, stock_blocks)
-        self.taps = tuple(visual.deepstack_visual_indexes)
+        self.taps = tuple(getattr(visual, "deepstack_visual_indexes", ()))  # Qwen3.5: none
 
     def embed(self, pixels: torch.Tensor, plan: PruningPlan) -> tuple[torch.Tensor, Rotary, Any]:
         from transformers.models.qwen3_vl import modeling_qwen3_vl as hf
@@ -163,9 +164,8 @@ class HFQwen3_VLTower(_HFTower):
 
 
 def tower_adapter(visual: nn.Module, stock_blocks: bool = False) -> _HFTower:
-    if hasattr(visual, "deepstack_merger_list"):
-        return HFQwen3_VLTower(visual, stock_blocks)
-    return HFQwen2_5_VLTower(visual, stock_blocks)
+    """The adapter its family names for this transformers tower (`Family.transformers_tower`)."""
+    return tower_adapter_class(visual, "transformers")(visual, stock_blocks)
 
 
 def pruned_vision_forward(

@@ -34,10 +34,13 @@ from stts_vllm.checkpoint import (
 from stts_vllm.core import (
     STTSConfig,
     STTSScorer,
+    grid_placement,
     mrope_positions,
     mrope_time_factor,
+    prompt_mrope_positions,
     timestamped_video_positions,
 )
+from stts_vllm.core.mrope import Placement
 from stts_vllm.families import Family, family_of_config, resolve_stts
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.videoqa import VideoQA
@@ -126,7 +129,7 @@ class STTSVideoQAModel(nn.Module):
         self.stts = stts
         self.scorer = scorer
         self.family = family
-        self.timestamped = family.name != "qwen2_5_vl"  # Qwen3-VL family: per-step timestamps
+        self.timestamped = family.timestamped  # Qwen3-VL family: per-step timestamps
         self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
         self.vision_start = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
@@ -244,27 +247,24 @@ class STTSVideoQAModel(nn.Module):
         as vLLM computes them: kept units at their own positions, text after the video
         resuming past its unpruned extent."""
         t, h, w = item.grid
-        base = len(item.prefix)
-        if self.timestamped:
-            video, after = timestamped_video_positions(
-                span,
-                h // self.unit,
-                w // self.unit,
-                base,
-                video_token=self.video_pad,
-                vision_start=self.vision_start,
-                vision_end=self.vision_end,
-                keep_mask=keep,
-            )
-        else:
-            grid = mrope_positions(t, h // self.unit, w // self.unit, item.t_factor)
-            video = (grid if keep is None else grid[:, keep.cpu()]) + base
-            after = base + int(grid.max()) + 1
-        rest = length - base - len(span)
-        positions = torch.cat(
-            [torch.arange(base).expand(3, -1), video, torch.arange(rest).expand(3, -1) + after],
-            dim=1,
-        )
+        units_h, units_w = h // self.unit, w // self.unit
+
+        def place(_: int, start: int) -> Placement:
+            if self.timestamped:
+                return timestamped_video_positions(
+                    span,
+                    units_h,
+                    units_w,
+                    start,
+                    video_token=self.video_pad,
+                    vision_start=self.vision_start,
+                    vision_end=self.vision_end,
+                    keep_mask=keep,
+                )
+            grid = mrope_positions(t, units_h, units_w, item.t_factor)
+            return grid_placement(grid, start, slice(None) if keep is None else keep.cpu())
+
+        positions, _ = prompt_mrope_positions(length, [(len(item.prefix), len(span))], place)
         return positions, torch.arange(length)
 
     # -- forward --

@@ -50,14 +50,15 @@ def fresh_demo(init: Path, seed: int, family: str, text_layers: int | None = Non
     """The tiny demo a from-scratch run starts from (built once, reused by `--resume`), with
     a learned scorer; `text_layers` deepens its LLM (the serving demo's 2 layers cannot learn
     the time questions)."""
-    from stts_vllm.checkpoint import make_demo
+    from stts_vllm.demo import demo_geometry, make_demo
+    from stts_vllm.families import family_named
 
     if not (init / "config.json").is_file():
         layers: dict[str, int] = {}
         if text_layers is not None:
             layers["num_hidden_layers"] = text_layers
-            if family == "qwen2_5_vl":
-                layers["max_window_layers"] = text_layers
+            if "max_window_layers" in demo_geometry(family_named(family)).text:
+                layers["max_window_layers"] = text_layers  # windowed LLMs (Qwen2.5-VL)
         make_demo(
             init, seed=seed, scorer="learned", overwrite=True, family=family, text_overrides=layers
         )

@@ -279,7 +279,7 @@ def _distractor(rng, frames):
     return f"What color is the small {shape}?", color, meta
 
 
-# Training-only louder forms of a task, for a curriculum (README, "Warm-ups for changed"): the
+# Training-only louder forms of a task, for a curriculum (experiments/README.md, warm-ups): the
 # small LLM stays at chance on plain `changed` for hundreds of steps however it is started,
 # and a warm-up is the same question where the evidence is everywhere. Never in `TASKS`, so
 # the test split's cycle never asks one; any mixed split answers one by name (val, to tell

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,20 +17,11 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from stts_vllm.checkpoint import derive, make_demo
+from stts_vllm.checkpoint import derive
+from stts_vllm.demo import make_demo
 from stts_vllm.offline_engine import EngineCache
+from tests.engine.helpers import ENGINE_DEFAULTS, TEST_DTYPE
 
-# `make gpu-check` runs this suite on a CUDA machine in bfloat16 too (and with the V2 model
-# runner, CUDA graphs): tests marked `float32_exact` compare against float32 references and
-# are skipped in other dtypes.
-TEST_DTYPE = os.environ.get("STTS_TEST_DTYPE", "float32")
-ENGINE_DEFAULTS: dict[str, Any] = {
-    "dtype": TEST_DTYPE,
-    "enforce_eager": os.environ.get("STTS_TEST_ENFORCE_EAGER", "1") == "1",
-    "max_model_len": 8192,
-    "limit_mm_per_prompt": {"image": 2, "video": 3},
-    "seed": 0,
-}
 # ViT depth 4: blocks 0-1 stock, block 2 biased (window attention), block 3 packed (full).
 DEMO_SHAPE = {"vit_depth": 4, "prune_at": 1}
 
@@ -115,50 +105,6 @@ def engines() -> Iterator[EngineCache]:
     pool = EngineCache(ENGINE_DEFAULTS)
     yield pool
     pool.close()
-
-
-def live_model(llm: Any) -> Any:
-    """The engine's own model object (same process)."""
-    return llm.apply_model(lambda model: model)[0]
-
-
-def greedy_with_logprobs(llm: Any, prompts: list[dict[str, Any]]) -> list[tuple[list, list]]:
-    """12 greedy tokens per prompt and the top-3 logprobs of each step."""
-    from vllm import SamplingParams
-
-    params = SamplingParams(temperature=0, max_tokens=12, logprobs=3)
-    return [
-        (
-            list(o.outputs[0].token_ids),
-            [{t: lp.logprob for t, lp in step.items()} for step in o.outputs[0].logprobs],
-        )
-        for o in llm.generate(prompts, params, use_tqdm=False)
-    ]
-
-
-class Recorder:
-    """Spies on the real code paths of a live STTS model (they still run): the keep masks
-    its vision tower chose and the M-RoPE positions the runner ends up with."""
-
-    def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-        import torch
-
-        self.masks: list[torch.Tensor | None] = []
-        self.positions: list[tuple[torch.Tensor, torch.Tensor]] = []
-        forward, recompute = model._pruned_vision_forward, model.recompute_mrope_positions
-
-        def recording_forward(*args: Any, **kwargs: Any) -> Any:
-            out = forward(*args, **kwargs)
-            self.masks.extend(out.keep_masks)
-            return out
-
-        def recording_recompute(input_ids: Any, *args: Any, **kwargs: Any) -> Any:
-            out = recompute(input_ids, *args, **kwargs)
-            self.positions.append((torch.as_tensor(input_ids).cpu(), out[1].cpu().clone()))
-            return out
-
-        monkeypatch.setattr(model, "_pruned_vision_forward", recording_forward)
-        monkeypatch.setattr(model, "recompute_mrope_positions", recording_recompute)
 
 
 @pytest.fixture(scope="session")

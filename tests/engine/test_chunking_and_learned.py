@@ -12,7 +12,13 @@ from safetensors.torch import load_file
 from vllm import SamplingParams
 
 from stts_vllm.core import retained_count
-from tests.engine.conftest import live_model
+from tests.engine.helpers import (
+    VISION_START,
+    Recorder,
+    check_video_positions,
+    demo_units,
+    live_model,
+)
 
 VIDEO_TOKEN = 1007
 PROMPTS = [
@@ -80,13 +86,6 @@ def test_learned_scorer_generates_with_pruned_counts(learned: Any) -> None:
 def test_learned_scorer_keeps_original_positions(
     learned: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tests.engine.test_pruned_generation import (
-        VISION_START,
-        Recorder,
-        _check_video_positions,
-        _units,
-    )
-
     rec = Recorder(live_model(learned), monkeypatch)
     frames = moving_square_video(10, 168, 224, seed=14)
     (out,) = learned.generate(
@@ -96,4 +95,4 @@ def test_learned_scorer_keeps_original_positions(
     )
     ids, positions = rec.positions[-1]
     start = out.prompt_token_ids.index(VISION_START)
-    _check_video_positions(ids, positions, _units(10, 168, 224), rec.masks[0], start)
+    check_video_positions(ids, positions, demo_units(10, 168, 224), rec.masks[0], start)

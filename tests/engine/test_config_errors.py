@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from stts_vllm.checkpoint import read_config
-from tests.engine.conftest import ENGINE_DEFAULTS
+from tests.engine.helpers import ENGINE_DEFAULTS
 
 
 def _variant(src: Path, out: Path, **stts: Any) -> Path:

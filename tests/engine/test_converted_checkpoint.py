@@ -10,7 +10,7 @@ import pytest
 from media import chat_prompt, moving_square_video, video_item
 
 from stts_vllm.core import retained_count
-from tests.engine.conftest import live_model
+from tests.engine.helpers import live_model
 
 
 @pytest.fixture(scope="module")

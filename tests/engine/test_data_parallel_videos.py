@@ -10,7 +10,7 @@ import pytest
 from media import chat_prompt, moving_square_video, video_item
 from vllm import SamplingParams
 
-from tests.engine.conftest import live_model
+from tests.engine.helpers import live_model
 
 PROMPT = {
     "prompt": chat_prompt("video", "video"),

@@ -8,7 +8,6 @@ Packing must change nothing but the cost.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,14 @@ import torch.nn.functional as F
 
 from stts_vllm.core import heuristic_scores, key_bias, retention_mask
 from stts_vllm.pruned_vision import pruned_vision_forward
-from tests.engine.conftest import live_model
+from tests.engine.helpers import (
+    ATOL,
+    MASKED,
+    assert_close_to_reference,
+    live_model,
+    same_choice_up_to_ties,
+    segment_ids,
+)
 
 pytestmark = pytest.mark.float32_exact
 
@@ -29,24 +35,6 @@ GRID_SETS = [
     [(3, 10, 18), (2, 6, 6), (5, 4, 22)],
     [(6, 2, 2)],
 ]
-MASKED = -1e9  # finite: a fully masked (pruned) query row stays finite
-ATOL = 1e-4  # float32 reordering noise here is ~3e-5 on outputs of magnitude ~5
-RELATIVE_NOISE = 2e-5  # ATOL at magnitude 5; float32 noise measured at <= 1e-5 of max |output|
-
-
-def assert_close_to_reference(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """float32 reordering noise grows with the output's scale (Qwen3-VL towers with deepstack
-    reach ~20 where Qwen2.5-VL's reach ~5): the tolerance follows max |ref|, never below ATOL.
-    A wrong mask, position or bias moves outputs by far more (see the bias guard test)."""
-    atol = max(ATOL, RELATIVE_NOISE * ref.abs().max().item())
-    torch.testing.assert_close(ours, ref, atol=atol, rtol=0)
-
-
-def _segment_ids(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
-    ids = torch.zeros(length, dtype=torch.long, device=cu_seqlens.device)
-    for i, (a, b) in enumerate(itertools.pairwise(cu_seqlens.tolist())):
-        ids[a:b] = i
-    return ids
 
 
 def _dense_block(blk: Any, x: torch.Tensor, segments: torch.Tensor, cos, sin, key_add) -> Any:
@@ -82,8 +70,8 @@ def dense_reference(
     x = visual.patch_embed(visual.input_norm(pixels, visual.dtype))
     x = x.view(-1, m, dim)[order].reshape(-1, 1, dim)
     segments = {
-        "full": _segment_ids(meta["cu_seqlens"], x.shape[0]),
-        "window": _segment_ids(meta["cu_window_seqlens"], x.shape[0]),
+        "full": segment_ids(meta["cu_seqlens"], x.shape[0]),
+        "window": segment_ids(meta["cu_window_seqlens"], x.shape[0]),
     }
     key_add = torch.zeros(x.shape[0], device=x.device)
     masks: list[torch.Tensor] = []
@@ -116,19 +104,6 @@ def dense_reference(
     sizes = [t * (h // 2) * (w // 2) for t, h, w in grids]
     outputs = [item[mask] for item, mask in zip(merged.split(sizes), kept, strict=True)]
     return outputs, masks, all_scores
-
-
-def _same_choice_up_to_ties(
-    ours: torch.Tensor, theirs: torch.Tensor, scores: torch.Tensor, units_per_step: int
-) -> bool:
-    """Masks agree, except among units whose scores sit within float noise of the cut."""
-    differ = (ours != theirs).nonzero().flatten()
-    if differ.numel() == 0:
-        return True
-    rest = scores[units_per_step:]
-    kept_rest = theirs[units_per_step:]
-    cut = rest[kept_rest].min() if kept_rest.any() else rest.max()
-    return bool(((scores[differ] - cut).abs() < 1e-5).all())
 
 
 def _pixels(grids: list, seed: int) -> torch.Tensor:
@@ -173,7 +148,7 @@ def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: flo
     for ours, ref, mask, ref_mask, item_scores, (_t, h, w) in zip(
         packed.embeds, reference, masks, reference_masks, scores, grids, strict=True
     ):
-        assert _same_choice_up_to_ties(mask, ref_mask, item_scores, (h // 2) * (w // 2))
+        assert same_choice_up_to_ties(mask, ref_mask, item_scores, (h // 2) * (w // 2))
         assert_close_to_reference(ours, ref)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from stts_vllm.positions import POSITION_COLUMNS
-from tests.engine.conftest import live_model
+from tests.engine.helpers import live_model
 
 
 def _images(visual_config: Any, grids: list[tuple[int, int, int]]) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from media import chat_prompt, image, moving_square_video, video_item
 
-from tests.engine.conftest import greedy_with_logprobs
+from tests.engine.helpers import greedy_with_logprobs
 
 VIDEO = video_item(moving_square_video(8, 140, 196))
 TALL_IMAGE = image(252, 112)  # taller than wide: text after it resumes at max(h, w)

@@ -6,18 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from media import chat_prompt, image, moving_square_video, video_item
 
 from stts_vllm.core import mrope_positions, retained_count
-from tests.engine.conftest import Recorder, live_model
-
-VIDEO_TOKEN, IMAGE_TOKEN, VISION_START = 1007, 1006, 1003
-
-
-def _units(frames: int, height: int, width: int) -> tuple[int, int, int]:
-    """Grid in units as the demo processor sizes it (multiples of 28 px; 2 frames a step)."""
-    return (frames + 1) // 2, height // 28, width // 28
+from tests.engine.helpers import (
+    IMAGE_TOKEN,
+    VIDEO_TOKEN,
+    VISION_START,
+    Recorder,
+    check_video_positions,
+    demo_units,
+    live_model,
+)
 
 
 def _generate(llm: Any, prompts: list[dict[str, Any]], max_tokens: int = 6) -> list[Any]:
@@ -43,35 +43,11 @@ def llm(engines, demo_ckpt: Path) -> Any:
     return engines.get(demo_ckpt)
 
 
-def _check_video_positions(
-    ids: torch.Tensor,
-    positions: torch.Tensor,
-    grid: tuple[int, int, int],
-    mask: torch.Tensor,
-    start: int,
-    t_factor: float = 2.0,
-) -> int:
-    """Positions of the video starting at token `start` are exactly its kept units' original
-    (t, h, w); returns the index after its placeholder run."""
-    assert int(ids[start]) == VISION_START
-    base = int(positions[0, start]) + 1
-    first = start + 1
-    count = int(mask.sum())
-    assert (
-        ids[first : first + count].eq(VIDEO_TOKEN).all() and int(ids[first + count]) != VIDEO_TOKEN
-    )
-    full = mrope_positions(*grid, t_factor)
-    assert torch.equal(positions[:, first : first + count] - base, full[:, mask])
-    # text after the video resumes where the unpruned video would have ended
-    assert (positions[:, first + count] == base + int(full.max()) + 1).all()
-    return first + count
-
-
 def test_placeholder_count_is_the_count_function(llm: Any) -> None:
     out_default, out_03 = _generate(
         llm, [_video_prompt(12, 140, 196), _video_prompt(12, 140, 196, keep=0.3, seed=1)]
     )
-    t, h, w = _units(12, 140, 196)
+    t, h, w = demo_units(12, 140, 196)
     assert out_default.prompt_token_ids.count(VIDEO_TOKEN) == retained_count(t, h * w, 0.5)
     assert out_03.prompt_token_ids.count(VIDEO_TOKEN) == retained_count(t, h * w, 0.3)
     assert retained_count(t, h * w, 0.3) < retained_count(t, h * w, 0.5) < t * h * w
@@ -87,7 +63,7 @@ def test_kept_units_keep_their_original_positions(
     assert mask is not None and int(mask.sum()) == out.prompt_token_ids.count(VIDEO_TOKEN)
     ids, positions = rec.positions[-1]
     start = out.prompt_token_ids.index(VISION_START)
-    _check_video_positions(ids, positions, _units(10, 168, 224), mask, start)
+    check_video_positions(ids, positions, demo_units(10, 168, 224), mask, start)
 
 
 def test_two_pruned_videos_in_one_prompt(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,9 +79,9 @@ def test_two_pruned_videos_in_one_prompt(llm: Any, monkeypatch: pytest.MonkeyPat
     assert len(out.outputs[0].token_ids) > 0
     ids, positions = rec.positions[-1]
     first = out.prompt_token_ids.index(VISION_START)
-    end = _check_video_positions(ids, positions, _units(8, 112, 168), rec.masks[0], first)
+    end = check_video_positions(ids, positions, demo_units(8, 112, 168), rec.masks[0], first)
     second = out.prompt_token_ids.index(VISION_START, end)
-    _check_video_positions(ids, positions, _units(6, 196, 140), rec.masks[1], second)
+    check_video_positions(ids, positions, demo_units(6, 196, 140), rec.masks[1], second)
 
 
 def test_long_video_positions_stay_exact(llm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -113,9 +89,9 @@ def test_long_video_positions_stay_exact(llm: Any, monkeypatch: pytest.MonkeyPat
     rec = Recorder(live_model(llm), monkeypatch)
     (out,) = _generate(llm, [_video_prompt(300, 56, 56, keep=0.5, seed=5)], max_tokens=2)
     ids, positions = rec.positions[-1]
-    grid = _units(300, 56, 56)
+    grid = demo_units(300, 56, 56)
     assert int(mrope_positions(*grid, 2.0)[0].max()) > 256
-    _check_video_positions(
+    check_video_positions(
         ids, positions, grid, rec.masks[0], out.prompt_token_ids.index(VISION_START)
     )
 
@@ -167,7 +143,7 @@ def test_same_video_at_two_keep_ratios(llm: Any, monkeypatch: pytest.MonkeyPatch
     rec = Recorder(live_model(llm), monkeypatch)
     prompts = [_video_prompt(12, 140, 196, keep=k, seed=15) for k in (0.5, 0.3, 0.5)]
     outputs = [_generate(llm, [p], max_tokens=2)[0] for p in prompts]
-    t, h, w = _units(12, 140, 196)
+    t, h, w = demo_units(12, 140, 196)
     counts = [o.prompt_token_ids.count(VIDEO_TOKEN) for o in outputs]
     assert counts == [retained_count(t, h * w, k) for k in (0.5, 0.3, 0.5)]
     # the repeated 0.5 request may hit the encoder cache (no new mask): masks seen are 0.5, 0.3

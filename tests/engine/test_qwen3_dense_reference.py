@@ -20,12 +20,12 @@ import torch.nn.functional as F
 
 from stts_vllm.core import heuristic_scores, key_bias, retention_mask
 from stts_vllm.pruned_vision import pruned_vision_forward
-from tests.engine.conftest import live_model
-from tests.engine.test_dense_reference import (
+from tests.engine.helpers import (
     MASKED,
-    _same_choice_up_to_ties,
-    _segment_ids,
     assert_close_to_reference,
+    live_model,
+    same_choice_up_to_ties,
+    segment_ids,
 )
 
 pytestmark = pytest.mark.float32_exact
@@ -63,7 +63,7 @@ def dense_reference(
     meta = visual.prepare_encoder_metadata(grids)
     x = visual.patch_embed(visual.input_norm(pixels, visual.dtype)) + meta["pos_embeds"]
     x = x.unsqueeze(1)
-    segments = _segment_ids(meta["cu_seqlens"], x.shape[0])
+    segments = segment_ids(meta["cu_seqlens"], x.shape[0])
     key_add = torch.zeros(x.shape[0], device=x.device)
     masks: list[torch.Tensor] = []
     all_scores: list[torch.Tensor] = []
@@ -154,7 +154,7 @@ def test_packed_equals_dense_masked_reference(model: Any, grids: list, keep: flo
         packed.embeds, reference, masks, reference_masks, scores, grids, strict=True
     ):
         assert ours.shape[-1] == levels * model.config.vision_config.out_hidden_size
-        assert _same_choice_up_to_ties(mask, ref_mask, item_scores, (h // 2) * (w // 2))
+        assert same_choice_up_to_ties(mask, ref_mask, item_scores, (h // 2) * (w // 2))
         assert_close_to_reference(ours, ref)
 
 

@@ -12,7 +12,7 @@ import torch
 from media import chat_prompt, image, moving_square_video, video_item
 
 from stts_vllm.core import step_quotas
-from tests.engine.conftest import Recorder, greedy_with_logprobs, live_model
+from tests.engine.helpers import Recorder, greedy_with_logprobs, live_model
 
 VIDEO_TOKEN, IMAGE_TOKEN, VISION_START, VISION_END = 1007, 1006, 1003, 1004
 STEP = re.compile(r"<(\d+\.\d) seconds><\|vision_start\|>((?:<\|video_pad\|>)*)<\|vision_end\|>")

@@ -1,21 +1,24 @@
 """One implementation: a checkpoint trained by `stts-vllm train` (transformers) is served by the
-vLLM plugin with the training model's own numbers, and `stts-vllm eval` runs every method."""
+vLLM plugin with the training model's own numbers, `stts-vllm eval` runs every method, and the
+quality study (`experiments/quality.py`) evaluates and aggregates trained seeds."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from experiments.quality import QualityConfig, run_quality
 from stts_vllm.core import retained_count
-from stts_vllm.training.evaluate import run_eval, video_metadata
+from stts_vllm.eval.config import EvalConfig
+from stts_vllm.eval.run import run_eval
+from stts_vllm.eval.runners import video_metadata
 from stts_vllm.training.model import STTSVideoQAModel, chat_prompt
 from stts_vllm.training.videoqa import make_sample
-from tests.training.conftest import qwen3_scorer_run, smoke_run  # noqa: F401  (fixtures)
+from tests.training.helpers import qwen3_scorer_run, smoke_run  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("keep", [0.5, 1.0])
@@ -58,12 +61,12 @@ def test_vllm_gives_the_training_models_logprobs(
 
 def test_eval_runs_every_method_and_writes_json_and_png(smoke_run: Path, engines, tmp_path) -> None:  # noqa: F811
     engines.close()  # the eval starts its own engines, one at a time
-    args = SimpleNamespace(
+    config = EvalConfig(
         checkpoint=smoke_run / "checkpoint",
         out=tmp_path / "eval",
         samples=3,
-        ratios=[0.5, 0.2],
-        methods=["none", "random", "evs", "heuristic", "learned"],
+        ratios=(0.5, 0.2),
+        methods=("none", "random", "evs", "heuristic", "learned"),
         long=True,
         distractor=True,
         selections=None,  # the demo is Qwen2.5-VL (global top-k): per_step rows too
@@ -71,7 +74,7 @@ def test_eval_runs_every_method_and_writes_json_and_png(smoke_run: Path, engines
         api_key=None,
         compare_hf=3,
     )
-    report = run_eval(args)
+    report = run_eval(config)
     saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))
     assert (tmp_path / "eval" / "eval.png").stat().st_size > 1000
@@ -111,16 +114,14 @@ def test_quality_driver_evaluates_a_trained_seed_and_aggregates(
     engines,
     tmp_path: Path,
 ) -> None:
-    """`stts-vllm quality` on one seed whose training is already done (reused, not rerun):
+    """The quality study on one seed whose training is already done (reused, not rerun):
     every row is evaluated through vLLM and aggregated, the targets are checked, JSON + PNG."""
     import shutil
-
-    from stts_vllm.training.quality import run_quality
 
     engines.close()
     out = tmp_path / "quality"
     shutil.copytree(smoke_run / "checkpoint", out / "seed-0" / "checkpoint")
-    args = SimpleNamespace(
+    args = QualityConfig(
         out=out,
         seeds=[0],
         init=None,
@@ -154,14 +155,13 @@ def test_quality_in_scorer_mode_evaluates_the_base_once_and_each_seeds_scorer(
     engines,
     tmp_path: Path,
 ) -> None:
-    """`stts-vllm quality --init BASE --mode scorer`: the scorer-free rows come from one eval
-    of the frozen base, the learned rows from one eval per seed's trained scorer."""
-    from stts_vllm.training.quality import run_quality
-
+    """`python -m experiments.quality --init BASE --mode scorer`: the scorer-free rows come
+    from one eval of the frozen base, the learned rows from one eval per seed's trained
+    scorer."""
     engines.close()
     out = tmp_path / "quality"
     base = smoke_run / "checkpoint"
-    args = SimpleNamespace(
+    args = QualityConfig(
         out=out,
         seeds=[0, 1],
         init=base,

@@ -13,7 +13,7 @@ import torch
 from stts_vllm.core import STTSScorer
 from stts_vllm.pruned_vision import pruned_vision_forward as serving_forward
 from stts_vllm.training.hf_vision import pruned_vision_forward as training_forward
-from tests.engine.conftest import live_model
+from tests.engine.helpers import live_model
 
 pytestmark = pytest.mark.float32_exact
 
@@ -100,7 +100,7 @@ def test_vllm_gives_the_qwen3_training_models_logprobs(
     positions, deepstack added in the LLM) gives vLLM's first-token logprobs."""
     from vllm import SamplingParams
 
-    from stts_vllm.training.evaluate import video_metadata
+    from stts_vllm.eval.runners import video_metadata
     from stts_vllm.training.model import STTSVideoQAModel, chat_prompt
     from stts_vllm.training.videoqa import make_sample
 

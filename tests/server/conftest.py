@@ -4,40 +4,23 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import pytest
 
-from stts_vllm.checkpoint import make_demo
+from stts_vllm.demo import make_demo
 from tests.processes import free_port, server_env, server_process
-
-API_KEY = "test-key"
-TOOL_FLAGS = ["--tool-call-parser", "hermes", "--enable-auto-tool-choice"]  # as for vllm serve
-MAX_IN_FLIGHT = 40
-DEFAULT_MAX_TOKENS = 12  # what a request without max_tokens gets (the demo sets no default)
-MAX_REQUEST_BYTES = 24 * 1024 * 1024
-MAX_VIDEO_BYTES = 16 * 1024 * 1024
-MAX_DECODED_FRAMES = 1500
-REMOTE_ALLOWLIST = '["localhost", "64:ff9b::7f00:1", "::ffff:10.0.0.1"]'  # all non-public
-
-
-@dataclass(frozen=True)
-class Server:
-    url: str
-    media_root: Path
-    log: Path
-    files_dir: Path
-
-    def client(self, **kwargs: object) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {API_KEY}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kwargs)
-
-    def openai(self):
-        from openai import OpenAI
-
-        return OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, timeout=120, max_retries=0)
+from tests.server.helpers import (
+    API_KEY,
+    DEFAULT_MAX_TOKENS,
+    MAX_DECODED_FRAMES,
+    MAX_FRAMES,
+    MAX_IN_FLIGHT,
+    MAX_REQUEST_BYTES,
+    MAX_VIDEO_BYTES,
+    REMOTE_ALLOWLIST,
+    TOOL_FLAGS,
+    Server,
+)
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +42,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         STTS_MAX_VIDEO_PIXELS=str(640 * 480),
         STTS_MAX_VIDEO_SECONDS="120",
         STTS_MEDIA_ROOT=str(media_root),
-        STTS_MAX_FRAMES="64",
+        STTS_MAX_FRAMES=str(MAX_FRAMES),
     )
     argv = [
         sys.executable,

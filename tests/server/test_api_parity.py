@@ -20,9 +20,9 @@ import httpx
 import pytest
 from media import encode_mp4, moving_square_video
 
-from stts_vllm.checkpoint import make_demo
+from stts_vllm.demo import make_demo
 from tests.processes import CPU_MEMORY_SHARE, free_port, server_env, server_process
-from tests.server.conftest import TOOL_FLAGS
+from tests.server.helpers import TOOL_FLAGS
 
 MODEL = "stts-demo"
 VIDEO_URL = (

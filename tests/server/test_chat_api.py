@@ -10,10 +10,9 @@ from typing import Any
 import httpx
 import pytest
 from media import encode_mp4, image, level_video, moving_square_video
-from prometheus_client.parser import text_string_to_metric_families
 
 from stts_vllm.core import retained_count
-from tests.server.conftest import API_KEY, MAX_IN_FLIGHT, Server
+from tests.server.helpers import API_KEY, MAX_IN_FLIGHT, Server, metric_values
 
 VIDEO = encode_mp4(moving_square_video(40, 224, 224, seed=1), fps=4)  # 10 s
 VIDEO_URL = "data:video/mp4;base64," + base64.b64encode(VIDEO).decode()
@@ -31,23 +30,12 @@ def _messages(url: str, question: str = "What moves?") -> list[dict[str, Any]]:
     ]
 
 
-def metric_values(server: Server) -> dict[str, float]:
-    """`name{label="v",...}` -> value, parsed with prometheus_client's own parser."""
-    text = httpx.get(f"{server.url}/metrics").text
-    values: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return values
-
-
 def test_video_question_non_streaming(server: Server) -> None:
     reply = server.openai().chat.completions.create(
         model="stts-demo", messages=_messages(VIDEO_URL), max_tokens=8, temperature=0
     )
     assert reply.choices[0].message.content
-    assert reply.choices[0].finish_reason in ("length", "stop")
+    assert reply.choices[0].finish_reason == "length"  # greedy, 8 tokens: see the usage below
     stts = reply.model_extra["stts"]
     (video,) = stts["videos"]
     t, h, w = video["grid_thw"]
@@ -73,7 +61,8 @@ def test_video_question_streaming(server: Server) -> None:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert any(c.choices and c.choices[0].finish_reason for c in chunks)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
     usage_chunk = chunks[-1]
     assert usage_chunk.usage.completion_tokens == 6
     assert usage_chunk.model_extra["stts"]["video_tokens_after"] > 0
@@ -447,16 +436,15 @@ def test_test_time_scaling_is_on_by_default_for_long_videos(server: Server) -> N
 def test_eval_through_the_http_api(server: Server, tmp_path: Path) -> None:
     """`stts-vllm eval --server URL`: the same questions as offline, as frame lists over HTTP;
     the server reports the video tokens it really used."""
-    from types import SimpleNamespace
+    from stts_vllm.eval.config import EvalConfig
+    from stts_vllm.eval.run import run_eval
 
-    from stts_vllm.training.evaluate import run_eval
-
-    args = SimpleNamespace(
+    config = EvalConfig(
         checkpoint=Path("-"),
         out=tmp_path / "eval",
         samples=2,
-        ratios=[0.5],
-        methods=[],
+        ratios=(0.5,),
+        methods=(),
         long=True,
         distractor=True,
         selections=None,
@@ -464,7 +452,7 @@ def test_eval_through_the_http_api(server: Server, tmp_path: Path) -> None:
         api_key=API_KEY,
         compare_hf=0,
     )
-    rows = {r["mode"]: r for r in run_eval(args)["results"]}
+    rows = {r["mode"]: r for r in run_eval(config)["results"]}
     assert set(rows) == {
         "test/none/16f",
         "test/server@0.5/16f",

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.server.conftest import Server
-from tests.server.test_chat_api import metric_values
+from tests.server.helpers import Server, metric_values
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

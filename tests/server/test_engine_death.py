@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from stts_vllm.checkpoint import make_demo
+from stts_vllm.demo import make_demo
 from tests.processes import free_port, server_env, server_process
 
 

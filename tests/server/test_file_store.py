@@ -242,7 +242,7 @@ def test_routes_work_in_the_callers_namespace(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
     from media import encode_mp4, level_video
 
-    from server.errors import install_error_handlers
+    from server.error_handlers import install_error_handlers
     from server.http_guard import RequestGuard
     from server.routes import files
     from server.settings import Settings

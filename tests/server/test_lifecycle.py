@@ -17,7 +17,7 @@ import httpx
 import pytest
 from media import encode_mp4, moving_square_video
 
-from stts_vllm.checkpoint import make_demo
+from stts_vllm.demo import make_demo
 from tests.processes import free_port, server_env, server_process
 
 DEADLINE_SECONDS = 6

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from media import encode_keyframed_video
 
-from tests.server.conftest import MAX_DECODED_FRAMES, Server
-from tests.server.test_bad_inputs import _assert_error, _chat, _data_url, _video_message
-from tests.server.test_chat_api import metric_values
+from tests.server.helpers import (
+    MAX_DECODED_FRAMES,
+    Server,
+    assert_error,
+    chat,
+    data_url,
+    metric_values,
+    video_message,
+)
 
 FRAMES_DECODED = "stts_video_frames_decoded_total"
 
@@ -24,9 +30,9 @@ def _single_keyframe_video(frames: int, fps: int) -> bytes:
 
 def test_sparse_sampling_of_a_single_keyframe_video_decodes_it_about_once(server: Server) -> None:
     frames = 600
-    video = _data_url(_single_keyframe_video(frames, fps=25))
+    video = data_url(_single_keyframe_video(frames, fps=25))
     before = metric_values(server).get(FRAMES_DECODED, 0)
-    reply = _chat(server, messages=_video_message(video), stts={"num_frames": 32})
+    reply = chat(server, messages=video_message(video), stts={"num_frames": 32})
     assert reply.status_code == 200, reply.text
     spent = metric_values(server)[FRAMES_DECODED] - before
     # forward-only seeking: one pass plus the probe's few frames (32 backward seeks to the
@@ -35,10 +41,10 @@ def test_sparse_sampling_of_a_single_keyframe_video_decodes_it_about_once(server
 
 
 def test_decoding_stops_at_the_frame_budget(server: Server) -> None:
-    video = _data_url(_single_keyframe_video(MAX_DECODED_FRAMES + 300, fps=60))
-    response = _chat(server, messages=_video_message(video), stts={"num_frames": 4})
-    _assert_error(response, 400, "decode_budget_exceeded", f"more than {MAX_DECODED_FRAMES}")
-    assert _chat(server, messages=_video_message(video[:200] + "x")).status_code == 400
+    video = data_url(_single_keyframe_video(MAX_DECODED_FRAMES + 300, fps=60))
+    response = chat(server, messages=video_message(video), stts={"num_frames": 4})
+    assert_error(response, 400, "decode_budget_exceeded", f"more than {MAX_DECODED_FRAMES}")
+    assert chat(server, messages=video_message(video[:200] + "x")).status_code == 400
 
 
 @pytest.mark.parametrize(
@@ -50,4 +56,4 @@ def test_decoding_stops_at_the_frame_budget(server: Server) -> None:
     ],
 )
 def test_allowlisted_hosts_at_non_public_addresses_are_refused(server: Server, url: str) -> None:
-    _assert_error(_chat(server, messages=_video_message(url)), 400, "forbidden_url", "public")
+    assert_error(chat(server, messages=video_message(url)), 400, "forbidden_url", "public")

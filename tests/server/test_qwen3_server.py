@@ -18,8 +18,9 @@ from media import encode_video, moving_square_video
 
 from server.engine import read_model_facts
 from server.settings import Settings
-from stts_vllm.checkpoint import convert, derive, make_demo, read_config
+from stts_vllm.checkpoint import convert, derive, read_config
 from stts_vllm.core import step_quotas
+from stts_vllm.demo import make_demo
 from tests.processes import free_port, server_env, server_process
 
 
@@ -66,9 +67,11 @@ def test_converted_qwen3_answers_through_the_openai_client(url: str) -> None:
                 ],
             }
         ],
-        extra_body={"stts": {"num_frames": 8}},
+        extra_body={"stts": {"num_frames": 8}, "ignore_eos": True},
     )
-    assert response.choices[0].message.content is not None
+    (choice,) = response.choices
+    assert isinstance(choice.message.content, str) and choice.finish_reason == "length"
+    assert response.usage.completion_tokens == 4
     report = response.model_extra["stts"]
     (video,) = report["videos"]
     steps, units_h, units_w = video["grid_thw"]

@@ -11,7 +11,7 @@ from pydantic_settings import CliApp
 
 from server.engine import EngineService
 from server.settings import Settings
-from stts_vllm.checkpoint import make_demo
+from stts_vllm.demo import make_demo
 
 
 @pytest.fixture(scope="module")

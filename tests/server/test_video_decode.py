@@ -1,4 +1,5 @@
-"""PyAV decoding and frame planning, on videos generated here (no server needed)."""
+"""PyAV decoding, on videos generated here (no server needed); frame planning is in
+`test_frame_sampling.py`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from media import audio_only_m4a, encode_keyframed_video, encode_video, level_video
 
-from server.frame_sampling import VisionGeometry, frame_size, plan_frames, video_tokens
+from server.frame_sampling import VisionGeometry, frame_size
 from server.media_errors import MediaError
 from server.video_decode import DecodeBudget, DecodeCancelled, DecodedVideo, decode, probe
 
@@ -285,23 +286,3 @@ def test_unreadable_inputs(data: bytes, code: str) -> None:
     with pytest.raises(MediaError) as info:
         probe(data)
     assert info.value.code == code
-
-
-def test_plan_frames() -> None:
-    common = {"fps": 2.0, "num_frames": None, "min_frames": 4, "max_frames": 64}
-    plan = plan_frames(10.0, 40, (56, 56), keep_ratio=1.0, test_time_scaling=True, **common)
-    assert plan.num_frames == 20 and not plan.test_time_scaled
-    scaled = plan_frames(10.0, 400, (56, 56), keep_ratio=0.5, test_time_scaling=True, **common)
-    assert scaled.num_frames == 40 and scaled.test_time_scaled
-    capped = plan_frames(100.0, 4000, (56, 56), keep_ratio=0.3, test_time_scaling=True, **common)
-    assert capped.num_frames == 64
-    short = plan_frames(1.0, 3, (56, 56), keep_ratio=1.0, test_time_scaling=False, **common)
-    assert short.num_frames == 3  # never more than the video has
-    assert plan.times == sorted(plan.times) and 0 < plan.times[0] < plan.times[-1] < 10
-
-
-def test_video_tokens_match_the_count_function() -> None:
-    grid, before, after = video_tokens(20, (224, 224), VisionGeometry(), 0.5)
-    assert grid == (10, 8, 8) and before == 640 and after == 320
-    grid, before, after = video_tokens(7, (56, 84), VisionGeometry(), 1.0)
-    assert grid == (4, 2, 3) and before == after == 24

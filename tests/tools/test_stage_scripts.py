@@ -1,18 +1,21 @@
-"""The quality scripts' stage runner: a multi-hour recipe is only as good as the flags each
-stage hands to `stts-vllm train`, and a stopped run must skip what is done. A stand-in CLI
-records the calls, so these run in milliseconds."""
+"""The quality recipes' stage runner (`experiments/stage.sh`): a multi-hour recipe is only as
+good as the flags each stage hands to `stts-vllm train`, and a stopped run must skip what is
+done. A stand-in CLI records the calls, so these run in milliseconds. Every shell script, the
+product's and the experiments', must parse."""
 
 from __future__ import annotations
 
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
+EXPERIMENTS = ROOT / "experiments"
+SCRIPTS = sorted([*(ROOT / "scripts").glob("*.sh"), *EXPERIMENTS.glob("*.sh")])
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
@@ -30,7 +33,7 @@ def _stage(tmp_path: Path, call: str, **env: str) -> list[list[str]]:
     cli.write_text(f'#!/usr/bin/env bash\nprintf "%q " "$@" >> {log}\necho >> {log}\n')
     cli.chmod(0o755)
     clean = {k: v for k, v in os.environ.items() if k not in {"DEVICE", "THREADS"}}
-    source = shlex.quote(str(ROOT / "scripts" / "stage.sh"))
+    source = shlex.quote(str(EXPERIMENTS / "stage.sh"))
     subprocess.run(
         ["bash", "-c", f"set -euo pipefail; source {source}; {call}"],
         cwd=tmp_path,
@@ -86,7 +89,7 @@ def test_a_finished_stage_is_skipped(tmp_path: Path) -> None:
 
 def test_the_two_long_recipes_are_refused_together() -> None:
     result = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "quality_distractor.sh")],
+        ["bash", str(EXPERIMENTS / "quality_distractor.sh")],
         capture_output=True,
         text=True,
         env={**os.environ, "CHAIN": "1", "CURRICULUM": "1"},
@@ -94,3 +97,18 @@ def test_the_two_long_recipes_are_refused_together() -> None:
     )
     assert result.returncode == 2
     assert "two recipes" in result.stderr
+
+
+@pytest.mark.parametrize("module", ["quality", "vit_keep_ratio"])
+def test_the_experiment_commands_start(module: str) -> None:
+    """`python -m experiments.NAME` from the repository root, as the recipes and the docs run
+    it (the probes' commands run whole in tests/training)."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "usage:" in result.stdout

@@ -1,4 +1,4 @@
-"""The *changed* probe (`bench/probe_changed.py`): its unit roles follow the generator's
+"""The *changed* probe (`experiments/probe_changed.py`): its unit roles follow the generator's
 metadata, its oracle keeps both shapes whole, and a run on a trained checkpoint writes its
 report."""
 
@@ -13,17 +13,14 @@ import numpy as np
 import pytest
 import torch
 
+from experiments import probe_changed as probe
 from stts_vllm.core.selection import retention_mask
 from stts_vllm.training.videoqa import make_sample
-from tests.training.conftest import BENCH, load_bench_script
-
-ROOT = BENCH.parent
-SCRIPT = BENCH / "probe_changed.py"
+from tests.training.helpers import ROOT
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_roles_follow_the_metadata_and_the_oracle_keeps_both_shapes(seed: int) -> None:
-    probe = load_bench_script("probe_changed")
     sample = make_sample(seed, "val", task="changed")
     roles = probe.unit_roles(sample, 8)
     names = probe.ROLES
@@ -47,7 +44,8 @@ def test_a_probe_run_writes_every_row(smoke_run: Path, tmp_path: Path) -> None:
     result = subprocess.run(
         [
             sys.executable,
-            str(SCRIPT),
+            "-m",
+            "experiments.probe_changed",
             str(smoke_run / "checkpoint"),
             "--out",
             str(tmp_path),
@@ -71,6 +69,6 @@ def test_a_probe_run_writes_every_row(smoke_run: Path, tmp_path: Path) -> None:
     oracle = rows[-1]
     assert oracle["kept/still"] == 1.0 and oracle["kept/moved after"] == 1.0
     for row in rows[1:]:
-        shares = [row[f"kept/{role}"] for role in load_bench_script("probe_changed").ROLES]
+        shares = [row[f"kept/{role}"] for role in probe.ROLES]
         assert all(0.0 <= s <= 1.0 for s in shares) and np.isfinite(row["accuracy"])
     assert (tmp_path / "probe.png").is_file()

@@ -1,6 +1,6 @@
-"""The position probe (`bench/probe_position.py`): its labels come from the pixels the way the
-answers do, its probe separates what is separable and not what is not, and a run on a trained
-checkpoint writes every probe."""
+"""The position probe (`experiments/probe_position.py`): its labels come from the pixels the
+way the answers do, its probe separates what is separable and not what is not, and a run on a
+trained checkpoint writes every probe."""
 
 from __future__ import annotations
 
@@ -12,15 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from experiments import probe_position as probe
 from stts_vllm.training.videoqa import SIZE, make_sample
-from tests.training.conftest import BENCH, load_bench_script
-
-ROOT = BENCH.parent
-SCRIPT = BENCH / "probe_position.py"
+from tests.training.helpers import ROOT
 
 
 def test_the_shape_starts_on_the_side_it_moves_away_from() -> None:
-    probe = load_bench_script("probe_position")
     for seed in range(24):
         sample = make_sample(seed, "test", task="direction")
         _, x = probe.shape_box(sample.frames[0])
@@ -28,7 +25,6 @@ def test_the_shape_starts_on_the_side_it_moves_away_from() -> None:
 
 
 def test_the_probe_separates_a_signal_and_not_noise() -> None:
-    probe = load_bench_script("probe_position")
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=generator, dtype=torch.float64)
     signal = (x[:, 3] > 0).long()
@@ -44,7 +40,8 @@ def test_a_probe_run_writes_every_probe(smoke_run: Path, tmp_path: Path) -> None
     result = subprocess.run(
         [
             sys.executable,
-            str(SCRIPT),
+            "-m",
+            "experiments.probe_position",
             str(smoke_run / "checkpoint"),
             "--out",
             str(tmp_path),
@@ -71,7 +68,6 @@ def test_a_probe_run_writes_every_probe(smoke_run: Path, tmp_path: Path) -> None
 
 
 def test_the_variance_share_measures_how_loud_a_label_is() -> None:
-    probe = load_bench_script("probe_position")
     generator = torch.Generator().manual_seed(1)
     y = torch.randint(0, 2, (400,), generator=generator)
     noise = torch.randn(400, 8, generator=generator, dtype=torch.float64)

@@ -1,14 +1,17 @@
-"""Aggregation of eval rows over training seeds, and the quality targets."""
+"""The quality study (`experiments/quality.py`): aggregation of eval rows over training seeds,
+the quality targets, and the command lines of the study and of `stts-vllm train`."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
-from stts_vllm.checkpoint import SCORER_FILE, make_demo, scorer_state_dict_to_file
-from stts_vllm.training.quality import aggregate, empty_steps, targets
+from experiments import quality
+from experiments.quality import QualityConfig, aggregate, empty_steps, targets
+from stts_vllm.checkpoint import SCORER_FILE, scorer_state_dict_to_file
+from stts_vllm.demo import make_demo
 
 
 def _report(acc: dict[str, float], samples: int = 100) -> dict:
@@ -109,14 +112,10 @@ def test_in_scorer_mode_each_seeds_gap_is_to_the_shared_base_rows() -> None:
 def test_the_quality_command_hands_every_training_knob_to_each_seed(monkeypatch) -> None:
     """The scorer recipe (`--mode scorer --init BASE --keep-ratios ... --aux-weight 0`) must
     reach `train` whole; a dropped flag would silently train the default recipe."""
-    from stts_vllm import cli
-    from stts_vllm.training import quality
-
     seen = {}
     monkeypatch.setattr(quality, "run_quality", lambda args: seen.setdefault("args", args))
-    cli.main(
+    quality.main(
         [
-            "quality",
             "out",
             "--init",
             "base",
@@ -221,7 +220,7 @@ def test_a_fresh_train_builds_the_demo_the_quality_seeds_start_from(
     import json
 
     from stts_vllm import cli
-    from stts_vllm.training import quality, train
+    from stts_vllm.training import train
 
     seen = {}
     monkeypatch.setattr(train, "train", lambda config: seen.__setitem__("config", config))
@@ -230,8 +229,8 @@ def test_a_fresh_train_builds_the_demo_the_quality_seeds_start_from(
     assert config.init == tmp_path / "run" / "init" and config.seed == 1
     text = json.loads((config.init / "config.json").read_text())["text_config"]
     assert text["num_hidden_layers"] == 4 and text["max_window_layers"] == 4
-    args = SimpleNamespace(
-        init=None, family="qwen2_5_vl", text_layers=4, mode="scratch", train_fields={}
+    args = QualityConfig(
+        out=tmp_path, init=None, family="qwen2_5_vl", text_layers=4, mode="scratch"
     )
     quality._train_seed(args, 1, tmp_path / "seed-1")
     assert seen["config"].init == tmp_path / "seed-1" / "init"
@@ -245,7 +244,7 @@ def test_the_eval_rows_cover_every_method_at_every_budget() -> None:
     """Every method at each ratio, both selections for STTS, the distractor split at 0.5 and
     at the smallest ratio (where few neighbours of a dropped unit survive), and test-time
     scaling for both scorers."""
-    from stts_vllm.training.evaluate import default_modes
+    from stts_vllm.eval.modes import default_modes
 
     names = {m.name for m in default_modes((0.5, 0.3, 0.2), ("per_step",))}
     methods = ("random", "evs", "heuristic", "learned")
@@ -263,20 +262,31 @@ def test_the_eval_rows_cover_every_method_at_every_budget() -> None:
     }
 
 
-@pytest.mark.parametrize("command", ["train", "quality"])
+def _train_command(argv: list[str]) -> None:
+    from stts_vllm import cli
+
+    cli.main(["train", *argv])
+
+
+COMMANDS: dict[str, Callable[[list[str]], None]] = {
+    "train": _train_command,
+    "quality": quality.main,
+}
+"""The two front ends of training, which share `TrainingKnobs` and its checks."""
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 def test_a_demo_without_llm_layers_is_refused_before_anything_is_built(
     command: str, tmp_path: Path
 ) -> None:
     from pydantic import ValidationError
 
-    from stts_vllm import cli
-
     with pytest.raises((ValidationError, SystemExit), match="greater than or equal to 1"):
-        cli.main([command, str(tmp_path / "run"), "--text-layers", "0"])
+        COMMANDS[command]([str(tmp_path / "run"), "--text-layers", "0"])
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("command", ["train", "quality"])
+@pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -289,10 +299,8 @@ def test_exploration_knobs_that_disagree_are_refused_before_anything_is_built(
 ) -> None:
     from pydantic import ValidationError
 
-    from stts_vllm import cli
-
     with pytest.raises((ValidationError, SystemExit), match=message):
-        cli.main([command, str(tmp_path / "run"), *flags])
+        COMMANDS[command]([str(tmp_path / "run"), *flags])
     assert not (tmp_path / "run").exists()
 
 

@@ -13,9 +13,10 @@ import torch
 from pydantic import ValidationError
 
 import stts_vllm.training.train as train_module
-from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, make_demo, read_config
+from stts_vllm.checkpoint import SCORER_FILE, STTS_ARCHITECTURE, read_config
 from stts_vllm.cli import Train
 from stts_vllm.core import retention_mask, sample_retention
+from stts_vllm.demo import make_demo
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.model import STTSVideoQAModel
 from stts_vllm.training.train import (
@@ -27,7 +28,7 @@ from stts_vllm.training.train import (
     write_dir_atomically,
 )
 from stts_vllm.training.videoqa import TASKS, make_sample
-from tests.training.conftest import SMOKE, read_log
+from tests.training.helpers import SMOKE, read_log
 
 
 def test_pruned_tower_at_keep_one_is_the_stock_tower(tmp_path: Path) -> None:

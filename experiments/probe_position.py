@@ -1,6 +1,6 @@
 """Where does left/right get lost? Linear probes on a trained checkpoint's *direction* clips.
 
-    .venv/bin/python bench/probe_position.py artifacts/quality3/seed-0/checkpoint \
+    .venv/bin/python -m experiments.probe_position artifacts/quality3/seed-0/checkpoint \
         --out artifacts/probe-position/qwen2_5
 
 Models trained on the default mix do not answer *direction* or *changed* (which side): each

@@ -1,4 +1,5 @@
-# Sourced by the quality scripts: one training stage that a stopped run skips or continues.
+# Sourced by the quality recipes (experiments/quality_*.sh): one training stage that a stopped
+# run skips or continues.
 # stage OUT INIT SEED ARGS...: `stts-vllm train OUT` from INIT's checkpoint (none: a fresh
 # demo) unless OUT already has a whole checkpoint (train renames it into place when done),
 # resuming OUT/last if a stopped run left one.

@@ -1,7 +1,7 @@
 """Why *changed* falls under pruning: what each scorer keeps of a *changed* clip, and what an
 oracle that keeps every unit of both shapes gets.
 
-    .venv/bin/python bench/probe_changed.py artifacts/quality-curriculum/seed-0/checkpoint \
+    .venv/bin/python -m experiments.probe_changed artifacts/quality-curriculum/seed-0/checkpoint \
         --out artifacts/probe-changed/curriculum-0
 
 A *changed* clip is two static shapes, one of which changes colour once; everything the

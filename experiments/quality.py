@@ -1,23 +1,33 @@
-"""`stts-vllm quality`: what the learned scorer buys, in one command.
+"""The quality study: what the learned scorer buys, in one command.
+
+    .venv/bin/python -m experiments.quality artifacts/quality --seeds '[0,1,2]'
 
 Trains the tiny model from several seeds (or only the scorer of a frozen base, `--mode
-scorer --init CKPT`), runs `stts-vllm eval` on each result (every method at keep 0.5 / 0.3 /
-0.2, both selections, the distractor split, test-time scaling), and aggregates the rows over
-seeds: mean, each seed's accuracy, and a 95% interval pooled over all seeds' questions. A
-seed's finished training or eval is reused, so a stopped run picks up where it was. Writes
-OUT/quality.json and OUT/quality.png and checks the issue's targets, reporting misses as
-misses.
+scorer --init CKPT`), runs the evaluator (`stts-vllm eval`) on each result (every method at
+keep 0.5 / 0.3 / 0.2, both selections, the distractor split, test-time scaling), and
+aggregates the rows over seeds: mean, each seed's accuracy, and a 95% interval pooled over
+all seeds' questions. A seed's finished training or eval is reused, so a stopped run picks up
+where it was. Writes OUT/quality.json and OUT/quality.png and checks the quality targets,
+reporting misses as misses. Flags: `--help`; findings: experiments/README.md.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import sys
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from stts_vllm.training.evaluate import method_color, save_accuracy_plot, wilson
+from pydantic import Field
+from pydantic_settings import CliApp, CliPositionalArg, CliSettingsSource
+
+from stts_vllm.eval.config import EvalConfig
+from stts_vllm.eval.plots import method_color, save_accuracy_plot
+from stts_vllm.eval.report import wilson
+from stts_vllm.training.knobs import TrainingKnobs
 
 TARGET_MARGIN = 0.05  # learned over heuristic / random on the distractor split, at keep 0.5
 
@@ -189,7 +199,7 @@ def empty_steps(checkpoint: Path, count: int, keep: float) -> dict[str, float | 
     """Mean number of prunable steps each STTS scorer leaves without a single kept unit, per
     distractor clip (None: no clip could be measured). A global top-k may empty steps by
     design, but a scorer that does it far more than the heuristic has collapsed onto a few
-    steps (see the README's findings: a saturated scorer with ties in position order kept
+    steps (see experiments/README.md: a saturated scorer with ties in position order kept
     only the first steps)."""
     out: dict[str, float | None] = {}
     for scorer in ("heuristic", "learned"):
@@ -255,21 +265,37 @@ def plot(rows: dict[str, Row], path: Path, title: str) -> Path:
 BASE_METHODS = ["none", "random", "evs", "heuristic"]
 
 
-def _eval(checkpoint: Path, out: Path, methods: list[str], args: Any) -> dict:
-    """`stts-vllm eval` of one checkpoint, reused when its report is already there."""
-    from stts_vllm.cli import Eval
-    from stts_vllm.training.evaluate import run_eval
+@dataclass(frozen=True)
+class QualityConfig:
+    """One study: `train_fields` go to every seed's `TrainConfig` (steps, batch_size, ...),
+    `samples` and `ratios` to every seed's eval."""
+
+    out: Path
+    seeds: Sequence[int] = (0, 1, 2)  # one training run per seed
+    init: Path | None = None  # every seed starts from it (default: a fresh demo per seed)
+    mode: Literal["scratch", "scorer", "scorer+llm"] = "scratch"
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = "qwen2_5_vl"  # of the fresh demos
+    text_layers: int = 4  # LLM depth of the fresh demos (the serving demo has 2)
+    train_fields: Mapping[str, Any] = field(default_factory=dict)
+    samples: int = 600  # eval questions per row per seed
+    ratios: Sequence[float] = (0.5, 0.3, 0.2)
+    unit_samples: int = 200  # distractor clips on which to count the kept answer unit
+
+
+def _eval(checkpoint: Path, out: Path, methods: list[str], config: QualityConfig) -> dict:
+    """The evaluator on one checkpoint, reused when its report is already there."""
+    from stts_vllm.eval.run import run_eval
 
     report_path = out / "eval.json"
     if not report_path.is_file():
-        # The eval command's own defaults for every other field (long, distractor, ...).
+        # The evaluator's own defaults for every other field (long, distractor, ...).
         run_eval(
-            Eval(
+            EvalConfig(
                 checkpoint=checkpoint,
                 out=out,
-                samples=args.samples,
-                ratios=list(args.ratios),
-                methods=methods,
+                samples=config.samples,
+                ratios=tuple(config.ratios),
+                methods=tuple(methods),
             )
         )
     return json.loads(report_path.read_text())
@@ -282,63 +308,69 @@ def _answer_units(checkpoint: Path, path: Path, count: int) -> dict[str, float |
     return json.loads(path.read_text())
 
 
-def _train_seed(args: Any, seed: int, run: Path) -> Path:
+def _train_seed(config: QualityConfig, seed: int, run: Path) -> Path:
     from stts_vllm.training.train import TrainConfig, fresh_demo, train
 
     checkpoint = run / "checkpoint"
     if (checkpoint / "config.json").is_file():
         return checkpoint
-    init = args.init or fresh_demo(run / "init", seed, args.family, args.text_layers)
-    config = TrainConfig(
-        init=Path(init), out=run, mode=args.mode, seed=seed, resume=True, **args.train_fields
+    init = config.init or fresh_demo(run / "init", seed, config.family, config.text_layers)
+    train_config = TrainConfig(
+        init=Path(init),
+        out=run,
+        mode=config.mode,
+        seed=seed,
+        resume=True,
+        **config.train_fields,
     )
-    train(config)
+    train(train_config)
     return checkpoint
 
 
-def run_quality(args: Any) -> dict[str, Any]:
-    """`args`: out, seeds, init, mode, family, text_layers (a fresh demo's LLM depth),
-    train_fields (steps, batch_size, ...), samples, ratios, unit_samples.
+def run_quality(config: QualityConfig) -> dict[str, Any]:
+    """Trains (or reuses) every seed, evaluates it, aggregates and checks the targets.
 
     In `scorer` mode every seed shares the frozen base, so the rows that do not read the
     scorer (none, random, EVS, heuristic) are evaluated once, on the base, and only the
     learned rows once per seed."""
-    out = Path(args.out)
+    out = Path(config.out)
     reports, answer_units = [], []
     base_units = None
-    shared_base = args.mode == "scorer" and args.init is not None
+    shared_base = config.mode == "scorer" and config.init is not None
     if shared_base:
-        reports.append(_eval(Path(args.init), out / "base" / "eval", BASE_METHODS, args))
+        reports.append(_eval(Path(config.init), out / "base" / "eval", BASE_METHODS, config))
         base_units = _answer_units(
-            Path(args.init), out / "base" / "answer_units.json", args.unit_samples
+            Path(config.init), out / "base" / "answer_units.json", config.unit_samples
         )
-    for seed in args.seeds:
+    for seed in config.seeds:
         run = out / f"seed-{seed}"
-        checkpoint = _train_seed(args, seed, run)
+        checkpoint = _train_seed(config, seed, run)
         methods = ["learned"] if shared_base else [*BASE_METHODS, "learned"]
-        reports.append(_eval(checkpoint, run / "eval", methods, args))
-        answer_units.append(_answer_units(checkpoint, run / "answer_units.json", args.unit_samples))
+        reports.append(_eval(checkpoint, run / "eval", methods, config))
+        answer_units.append(
+            _answer_units(checkpoint, run / "answer_units.json", config.unit_samples)
+        )
     rows = aggregate(reports)
     checks = targets(rows)
     title = (
-        f"procedural video QA, {len(args.seeds)} seed(s) x {args.samples} questions per row"
-        f" ({args.mode})"
+        f"procedural video QA, {len(config.seeds)} seed(s) x {config.samples} questions per row"
+        f" ({config.mode})"
     )
     if shared_base:
         title = (
-            f"procedural video QA: frozen base, scorer trained from {len(args.seeds)} seed(s);"
-            f" {args.samples} questions per row per seed"
+            f"procedural video QA: frozen base, scorer trained from {len(config.seeds)} seed(s);"
+            f" {config.samples} questions per row per seed"
         )
     result = {
-        "seeds": list(args.seeds),
-        "mode": args.mode,
-        "samples_per_seed": args.samples,
+        "seeds": list(config.seeds),
+        "mode": config.mode,
+        "samples_per_seed": config.samples,
         "rows": [row.summary() for row in rows.values()],
         "targets": checks,
         "distractor_answer_unit_kept@0.5": answer_units,
     }
     if base_units is not None:
-        result["base"] = str(args.init)
+        result["base"] = str(config.init)
         result["distractor_answer_unit_kept@0.5 (base scorer)"] = base_units
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(result, indent=2))
@@ -356,7 +388,7 @@ def run_quality(args: Any) -> dict[str, Any]:
                 f" {100 * t['headroom']:+.1f} points)"
             )
         print(f"target {t['target']}: goal {100 * t['goal']:+.0f}, measured {value} -> {status}")
-    for seed, kept in zip(args.seeds, answer_units, strict=True):
+    for seed, kept in zip(config.seeds, answer_units, strict=True):
         rates = ", ".join(
             f"{name} {'-' if rate is None else f'{100 * rate:.0f}%'}" for name, rate in kept.items()
         )
@@ -365,6 +397,53 @@ def run_quality(args: Any) -> dict[str, Any]:
         rates = ", ".join(
             f"{name} {'-' if r is None else f'{100 * r:.0f}%'}" for name, r in base_units.items()
         )
-        print(f"base {args.init}: distractor answer unit kept at 0.5: {rates}")
+        print(f"base {config.init}: distractor answer unit kept at 0.5: {rates}")
     print(f"wrote {out / 'quality.json'} and quality.png")
     return result
+
+
+class Quality(TrainingKnobs):
+    """Train several seeds, evaluate each on every row, aggregate (mean, seeds, pooled 95%
+    interval) and check the quality targets; writes OUT/quality.json and OUT/quality.png.
+    Finished seeds are reused, so a stopped run continues."""
+
+    out: CliPositionalArg[Path]
+    seeds: list[int] = Field(list(QualityConfig.seeds), description="one training run per seed")
+    init: Path | None = Field(
+        QualityConfig.init,
+        description="start every seed from this checkpoint (default: fresh demos)",
+    )
+    family: Literal["qwen2_5_vl", "qwen3_vl"] = QualityConfig.family
+    text_layers: int = Field(
+        QualityConfig.text_layers,
+        ge=1,
+        description="LLM depth of the fresh demos (the serving demo has 2): time questions",
+    )
+    mode: Literal["scratch", "scorer", "scorer+llm"] = QualityConfig.mode
+    steps: int = 1200
+    samples: int = Field(QualityConfig.samples, description="eval questions per row per seed")
+    ratios: list[float] = Field(list(QualityConfig.ratios), description="keep ratios to compare at")
+    unit_samples: int = Field(
+        QualityConfig.unit_samples,
+        description="distractor clips on which to count how often the answer unit is kept",
+    )
+
+    def config(self) -> QualityConfig:
+        knobs = set(TrainingKnobs.model_fields)
+        study = self.model_dump(exclude=knobs)
+        return QualityConfig(**study, train_fields=self.model_dump(include=knobs))
+
+    def cli_cmd(self) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        run_quality(self.config())
+
+
+def main(argv: list[str] | None = None) -> None:
+    source = CliSettingsSource(
+        Quality, cli_prog_name="python -m experiments.quality", cli_kebab_case=True
+    )
+    CliApp.run(Quality, cli_args=sys.argv[1:] if argv is None else argv, cli_settings_source=source)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,10 +1,10 @@
 """Vision-tower time of one video at several keep ratios, on a live vLLM engine.
 
-    .venv/bin/python bench/vit_keep_ratio.py artifacts/demo-stts --frames 32 --size 224
+    .venv/bin/python -m experiments.vit_keep_ratio artifacts/demo-stts --frames 32 --size 224
 
 Runs interleaved repetitions in one process (same weights, same input), prints a JSON line
 per keep ratio with the median and spread, and the speedup of each ratio against 1.0.
-A first-class benchmark (ViT + prefill + end to end, vs EVS, plots) is issue 6's.
+The product benchmark (ViT + prefill + end to end, vs EVS, plots) is `bench/engine.py`.
 """
 
 from __future__ import annotations

@@ -23,13 +23,16 @@ demo: $(DEMO)/config.json
 serve: install demo
 	.venv/bin/stts-serve --model $(DEMO) --port $(PORT)
 
+# ruff, and the layer contracts of .importlinter (docs/development.md).
 lint: install
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/lint-imports --no-cache
 
 test: install
 	bash scripts/install_test_tools.sh
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports --no-cache
 	bash scripts/run_tests.sh
 
 # A CUDA machine only (never CI): installs vllm==0.32.* in .venv-gpu, runs the engine suite in

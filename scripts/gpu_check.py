@@ -29,7 +29,7 @@ ENGINE_TESTS = ["tests/engine", "tests/test_sharded_videos.py"]
 @dataclass
 class Step:
     name: str
-    checks: str  # what a pass shows, in words (the README lists the same)
+    checks: str  # what a pass shows, in words (docs/gpu.md lists the same)
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
     status: str = "planned"  # planned | passed | failed | skipped

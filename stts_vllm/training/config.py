@@ -38,8 +38,8 @@ class TrainConfig:
     # A stage that runs until it has learned: stop at the first evaluation where every task
     # named here answers at least its bar (keep 1.0, `eval_samples` val clips); `steps` is
     # then a cap, and the lr schedule still spans it. A small LLM leaves chance on a task
-    # after a plateau whose length varies from seed to seed and run to run (README, "A
-    # curriculum ..."), so a fixed step count fits one run only.
+    # after a plateau whose length varies from seed to seed and run to run
+    # (experiments/README.md, "A curriculum ..."), so a fixed step count fits one run only.
     until: dict[str, float] = field(default_factory=dict)
     # ... held at this many evaluations in a row: a plateau's first climb can cross the bar
     # once and fall back (loss still near chance), and a later stage then starts on a task

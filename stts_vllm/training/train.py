@@ -38,8 +38,8 @@ STATE_FILE = "trainer_state.pt"
 LOG_FILE = "train_log.jsonl"
 # What a resumed run must share with the run that saved the state: the batches are drawn
 # from (seed, step), and a resume that changed the mix, lr or warmup would train another
-# recipe, silently. `steps` may grow (README's 1200 -> 2400 recipe): logged, since the cosine
-# then spans the new length and the lr jumps back up.
+# recipe, silently. `steps` may grow (experiments/README.md's 1200 -> 2400 recipe): logged,
+# since the cosine then spans the new length and the lr jumps back up.
 RESUME_FIXED = (
     "mode", "steps", "batch_size", "lr", "scorer_lr", "warmup", "aux_weight", "keep_ratios",
     "frames", "tasks", "explore", "policy_weight", "answer_loss_on", "seed",

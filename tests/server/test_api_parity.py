@@ -1,9 +1,9 @@
 """`stts-serve` against vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`)
 on the same tiny checkpoint, with the same tool-call flags: one table of requests, each field
 valid and out of range, sent to both. Status classes and response keys agree on every row,
-except the documented differences (`DOCUMENTED`, also in the README's API table): fields this
-server refuses because it cannot honour them, where vLLM accepts and drops them, and our `stts`
-report.
+except the documented differences (`DOCUMENTED`, also in docs/api.md's API table): fields
+this server refuses because it cannot honour them, where vLLM accepts and drops them, and our
+`stts` report.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ VIDEO_URL = (
     + base64.b64encode(encode_mp4(moving_square_video(16, 112, 112, seed=11), fps=4)).decode()
 )
 
-# Rows where the two servers answer differently on purpose (README "API table").
+# Rows where the two servers answer differently on purpose (docs/api.md, "API table").
 DOCUMENTED = {
     "audio": "refused: no audio output (vLLM ignores it)",
     "modalities audio": "refused: text is the only output modality (vLLM ignores it)",

@@ -136,8 +136,8 @@ def test_resume_continues_where_it_stopped(
 def test_resume_with_more_steps_goes_on_and_says_where_the_lr_jumps(
     smoke_run: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An 8-step run resumed as a 10-step one (the README's 1200 -> 2400 recipe) trains steps
-    9 and 10 once each; the log says the cosine now spans 10 steps."""
+    """An 8-step run resumed as a 10-step one (experiments/README.md's 1200 -> 2400 recipe)
+    trains steps 9 and 10 once each; the log says the cosine now spans 10 steps."""
     import shutil
 
     out = tmp_path / "longer"
@@ -609,7 +609,7 @@ def test_bfloat16_on_cuda_trains_through_flash_varlen_near_the_float32_loss(
 
 def test_threads_reach_the_config_from_the_cli(tmp_path: Path) -> None:
     """Three runs on one 16-core GPU machine each took every core's thread and ran 6x slower
-    per step (README, "Training on a GPU"): `--threads` splits them."""
+    per step (docs/gpu.md, "Training on a GPU"): `--threads` splits them."""
     assert Train(out=tmp_path / "run", threads=5).config(tmp_path / "init").threads == 5
     assert Train(out=tmp_path / "run").config(tmp_path / "init").threads is None
     with pytest.raises(ValidationError, match="threads"):

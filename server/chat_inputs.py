@@ -284,8 +284,10 @@ async def load_chat(body: ChatRequest, state: AppState) -> LoadedChat:
             if len(parts.items) > limit:
                 raise APIError(
                     400,
-                    f"message {index} has {len(parts.items)} images/videos; at "
-                    f"most {limit} per message",
+                    f"message {index} has {len(parts.items)} images/videos; at most {limit} "
+                    "per message (the server's --max-media-per-message, "
+                    "STTS_MAX_MEDIA_PER_MESSAGE); a video's frames sent as image parts are one "
+                    'video with "stts": {"frames_as_video": true}',
                     param=where,
                     code="too_many_media",
                 )

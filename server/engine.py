@@ -61,8 +61,26 @@ def read_model_facts(settings: Settings) -> ModelFacts:
         timestamped=family.timestamped,
     )
     is_stts = any(f.stts_architecture in config.get("architectures", []) for f in FAMILIES)
-    keep = float((config.get("stts") or {}).get("keep_ratio", 1.0)) if is_stts else 1.0
-    return ModelFacts(is_stts=is_stts, default_keep_ratio=keep, geometry=geometry)
+    return ModelFacts(
+        is_stts=is_stts,
+        default_keep_ratio=_default_keep_ratio(settings, config, is_stts),
+        geometry=geometry,
+    )
+
+
+def _default_keep_ratio(settings: Settings, config: dict[str, Any], is_stts: bool) -> float:
+    """`--keep-ratio` where given (an evaluation sweeps ratios on one checkpoint), else the
+    checkpoint's own; a stock checkpoint prunes nothing, so it refuses anything below 1."""
+    if settings.keep_ratio is not None:
+        if not is_stts and settings.keep_ratio < 1.0:
+            raise ValueError(
+                f"--keep-ratio {settings.keep_ratio}: {settings.model} is a stock checkpoint "
+                "(architectures "
+                f"{config.get('architectures')}), which cannot prune; make an STTS one with "
+                "`stts-vllm convert`, or leave --keep-ratio unset"
+            )
+        return settings.keep_ratio
+    return float((config.get("stts") or {}).get("keep_ratio", 1.0)) if is_stts else 1.0
 
 
 def _video_processor_config(settings: Settings) -> tuple[dict[str, Any], str]:

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     frame_min_pixels: int | None = Field(None, description="default: the model's processor")
     frame_max_pixels: int | None = Field(None, description="default: the model's processor")
     test_time_scaling: bool = Field(True, description="spend pruning savings on more frames")
+    keep_ratio: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="keep ratio of a request that names none (default: the checkpoint's "
+        "stts.keep_ratio); stts.keep_ratio and mm_processor_kwargs.stts_keep_ratio win",
+    )
     long_video_seconds: float = Field(
         30.0, description="test-time scaling applies by default to videos at least this long"
     )

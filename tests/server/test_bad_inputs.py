@@ -3,9 +3,18 @@ the server keeps answering."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
-from media import audio_only_m4a, encode_mp4, encode_video, level_video, moving_square_video
+from media import (
+    audio_only_m4a,
+    encode_mp4,
+    encode_video,
+    image,
+    level_video,
+    moving_square_video,
+)
 
 from tests.server.helpers import (
     Server,
@@ -172,6 +181,27 @@ def test_bad_video_files(server: Server, name: str) -> None:
 )
 def test_bad_requests(server: Server, body: dict, status: int, code: str | None, text: str) -> None:
     assert_error(chat(server, **body), status, code, text)
+
+
+def test_too_many_media_names_the_way_out(server: Server) -> None:
+    """A client that sends a video as frames (lmms-eval's default) is told the per-message
+    limit, the setting that raises it, and `frames_as_video`, which sends them as one video."""
+    frames = []
+    for i in range(5):  # random frames, one PNG each
+        buffer = io.BytesIO()
+        image(112, 112, seed=i).save(buffer, format="PNG")
+        url = data_url(buffer.getvalue(), "image/png")
+        frames.append({"type": "image_url", "image_url": {"url": url}})
+    messages = [{"role": "user", "content": frames}]
+    response = chat(server, messages=messages)
+    assert_error(response, 400, "too_many_media", "message 0 has 5 images/videos; at most 2")
+    message = response.json()["error"]["message"]
+    assert "--max-media-per-message" in message and "STTS_MAX_MEDIA_PER_MESSAGE" in message
+    assert '"frames_as_video": true' in message
+    answered = chat(server, messages=messages, stts={"frames_as_video": True}, max_tokens=1)
+    assert answered.status_code == 200, answered.text
+    (video,) = answered.json()["stts"]["videos"]
+    assert video["frames_sampled"] == 5
 
 
 def test_a_placeholder_token_in_text_is_answered_as_text(server: Server) -> None:

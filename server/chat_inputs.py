@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from server.chat_request import FRAME_LIST_SCHEME, ChatRequest, LoadedChat
 from server.errors import APIError
+from server.frame_runs import FramesAsVideo, frame_runs
 from server.frame_sampling import FramePlan, video_tokens
 from server.media import LoadedVideo, PreparedFrames, PreparedImage, PreparedVideo
 from server.media_errors import MediaError
@@ -87,6 +88,8 @@ class _MediaItem:
     kind: str  # "image" | "video"
     url: str | None = None  # an image, or a video file
     frame_urls: list[str] | None = None  # a video sent as frame images
+    frame_times: tuple[float, ...] | None = None  # their times, where the client gave them
+    collapsed: bool = False  # image parts read as a video's frames (`--frames-as-video`)
     prepared: PreparedImage | PreparedFrames | PreparedVideo | None = None
 
     @property
@@ -97,10 +100,12 @@ class _MediaItem:
 
 class _MessageParts:
     """One message's content parts -> template parts and media items, in prompt order. A run
-    of image parts becomes one video when the frame options say `frames_as_video`."""
+    of image parts (with their timestamp parts) becomes one video where the frames-as-video
+    policy says so (`server.frame_runs`)."""
 
-    def __init__(self, frames_as_video: bool) -> None:
-        self.frames_as_video = frames_as_video
+    def __init__(self, policy: FramesAsVideo, min_images: int) -> None:
+        self.policy = policy
+        self.min_images = min_images
         self.items: list[_MediaItem] = []
 
     def _add(self, item: _MediaItem) -> dict[str, str]:
@@ -109,20 +114,22 @@ class _MessageParts:
 
     def convert(self, parts: list[Any], where: str) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        frames: list[str] = []
-        for j, part in enumerate([*parts, None]):  # None flushes a trailing frame run
+        runs = {run.start: run for run in frame_runs(parts, self.policy, self.min_images, where)}
+        j = 0
+        while j < len(parts):
+            run = runs.get(j)
+            if run is not None:
+                urls = [_url(parts[k], "image_url", f"{where}.{k}") for k in run.images]
+                item = _MediaItem("video", frame_urls=urls, frame_times=run.times, collapsed=True)
+                out.append(self._add(item))
+                j = run.stop
+                continue
+            part = parts[j]
             kind = part.get("type") if isinstance(part, dict) else None
-            if frames and not (kind == "image_url" and self.frames_as_video):
-                out.append(self._add(_MediaItem("video", frame_urls=frames)))
-                frames = []
-            if part is None:
-                break
             if isinstance(part, str):
                 out.append({"type": "text", "text": part})
             elif kind in _TEXT_PARTS:
                 out.append({"type": "text", "text": part.get(_TEXT_PARTS[kind]) or ""})
-            elif kind == "image_url" and self.frames_as_video:
-                frames.append(_url(part, kind, f"{where}.{j}"))
             elif kind == "image_url":
                 out.append(self._add(_MediaItem("image", url=_url(part, kind, f"{where}.{j}"))))
             elif kind == "video_url":
@@ -139,6 +146,7 @@ class _MessageParts:
                     param=f"{where}.{j}.type",
                     code="unsupported_content",
                 )
+            j += 1
         return out
 
 
@@ -216,7 +224,9 @@ class _Loader:
     async def prepare(self, item: _MediaItem) -> None:
         media = self.media
         if item.frame_urls is not None:
-            item.prepared = await media.prepare_frames(item.frame_urls, self.owner, fps=self.fps)
+            item.prepared = await media.prepare_frames(
+                item.frame_urls, self.owner, fps=self.fps, times=item.frame_times
+            )
             return
         assert item.url is not None  # an image or a video file: `_MessageParts` set its URL
         if item.kind == "image":
@@ -273,13 +283,16 @@ async def load_chat(body: ChatRequest, state: AppState) -> LoadedChat:
     options = body.context.video_options
     keep = resolve_keep_ratio(options, state)
     limit = state.settings.max_media_per_message
+    policy: FramesAsVideo = state.settings.frames_as_video
+    if options.frames_as_video is not None:  # the request's own choice wins
+        policy = "always" if options.frames_as_video else "off"
     conversation: list[dict[str, Any]] = []
     items: list[_MediaItem] = []
     for index, message in enumerate(body.messages):
         content = message.get("content")
         where = f"messages.{index}.content"
         if content is not None and not isinstance(content, str):
-            parts = _MessageParts(options.frames_as_video)
+            parts = _MessageParts(policy, state.settings.frames_as_video_min_images)
             content = parts.convert(_parts(content, where), where)
             if len(parts.items) > limit:
                 raise APIError(
@@ -302,20 +315,24 @@ async def load_chat(body: ChatRequest, state: AppState) -> LoadedChat:
 
     images = [m for m in loaded if isinstance(m, Image.Image)]
     videos = [m for m in loaded if isinstance(m, LoadedVideo)]
+    collapsed = [i.collapsed for i, m in zip(items, loaded, strict=True) if i.kind == "video"]
     mm_data: dict[str, Any] = {}
     if images:
         mm_data["image"] = images
     if videos:
         mm_data["video"] = [(v.frames, _video_metadata(v)) for v in videos]
     processor_kwargs = {"stts_keep_ratio": keep} if state.engine.facts.is_stts and videos else {}
-    return LoadedChat(conversation, mm_data, processor_kwargs, _report(videos, keep, state))
+    report = _report(videos, collapsed, keep, state)
+    return LoadedChat(conversation, mm_data, processor_kwargs, report)
 
 
-def _report(videos: list[LoadedVideo], keep: float, state: AppState) -> STTSReport | None:
+def _report(
+    videos: list[LoadedVideo], collapsed: list[bool], keep: float, state: AppState
+) -> STTSReport | None:
     if not videos:
         return None
     items = []
-    for video in videos:
+    for video, from_images in zip(videos, collapsed, strict=True):
         grid, before, after = video_tokens(
             int(video.frames.shape[0]), video.plan.size, state.engine.facts.geometry, keep
         )
@@ -327,6 +344,7 @@ def _report(videos: list[LoadedVideo], keep: float, state: AppState) -> STTSRepo
                 video_tokens_before=before,
                 video_tokens_after=after,
                 decode_cached=video.cache_hit,
+                frames_collapsed=int(video.frames.shape[0]) if from_images else 0,
             )
         )
     before = sum(v.video_tokens_before for v in items)

@@ -17,7 +17,7 @@ import io
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -334,26 +334,35 @@ class MediaLoader:
         return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit, metadata)
 
     async def prepare_frames(
-        self, urls: list[str], owner: str = SHARED_OWNER, *, fps: float
+        self,
+        urls: list[str],
+        owner: str = SHARED_OWNER,
+        *,
+        fps: float,
+        times: Sequence[float] | None = None,
     ) -> PreparedFrames:
         """A video sent as a run of frame images (time order), e.g. lmms-eval's clients:
-        every frame's header read, every frame to be scaled to the first's size."""
+        every frame's header read, every frame to be scaled to the first's size. The frames
+        are at the client's `times` where it gave them (their mean rate is the video's fps),
+        else spaced at `fps`."""
         images = [await self.prepare_image(url, owner) for url in urls]
         first = images[0]
         try:
             size = frame_size(first.height, first.width, self.geometry, len(images))
         except ValueError as exc:  # e.g. a 1x250 image: no patch grid fits
             raise MediaError("invalid_image", f"frame image cannot be used: {exc}") from exc
-        times = [i / fps for i in range(len(images))]
-        return PreparedFrames(
-            images, FramePlan(times=times, size=size, test_time_scaled=False), fps
-        )
+        if times is None:
+            times = [i / fps for i in range(len(images))]
+        elif len(times) > 1 and times[-1] > times[0]:
+            fps = (len(times) - 1) / (times[-1] - times[0])
+        plan = FramePlan(times=list(times), size=size, test_time_scaled=False)
+        return PreparedFrames(images, plan, fps)
 
     async def load_frames(self, prepared: PreparedFrames) -> LoadedVideo:
         plan, fps = prepared.plan, prepared.fps
         frames = await self._run(_frame_stack, [i.data for i in prepared.images], plan.size)
         metrics.DECODES.labels(cache="miss").inc()
-        duration = len(plan.times) / fps
+        duration = plan.times[-1] + 1 / fps  # the last frame lasts one frame interval
         metadata = self._metadata(plan.times, fps, duration)
         return LoadedVideo(frames, fps, duration, plan, False, metadata)
 

@@ -35,8 +35,10 @@ class STTSOptions(BaseModel):
     num_frames: int | None = Field(None, ge=1, le=4096)
     max_frames: int | None = Field(None, ge=1, le=4096)
     test_time_scaling: bool | None = None
-    frames_as_video: bool = Field(
-        False, description="treat a message's run of image_url parts as the frames of one video"
+    frames_as_video: bool | None = Field(
+        None,
+        description="a message's run of image_url parts (and their timestamp text parts) is "
+        "one video: true always, false never; default: the server's --frames-as-video",
     )
 
 
@@ -50,6 +52,8 @@ class VideoReport(BaseModel):
     video_tokens_before: int
     video_tokens_after: int
     decode_cached: bool
+    # image parts read as this video's frames (`--frames-as-video`); 0 for a video
+    frames_collapsed: int = 0
 
 
 class STTSReport(BaseModel):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     frame_min_pixels: int | None = Field(None, description="default: the model's processor")
     frame_max_pixels: int | None = Field(None, description="default: the model's processor")
     test_time_scaling: bool = Field(True, description="spend pruning savings on more frames")
+    frames_as_video: Literal["off", "auto", "always"] = Field(
+        "auto",
+        description="a message's run of image parts (timestamp text parts between them "
+        "allowed) is one video: auto, a run of at least --frames-as-video-min-images; "
+        "stts.frames_as_video per request wins",
+    )
+    frames_as_video_min_images: int = Field(4, ge=1, description="the shortest run auto reads")
     keep_ratio: float | None = Field(
         None,
         gt=0.0,

@@ -131,3 +131,43 @@ def test_an_unsupported_architecture_stops_the_server(checkpoint: Path, tmp_path
     assert "LlavaForConditionalGeneration" in result.stderr
     assert "Qwen3VLForConditionalGeneration" in result.stderr  # the supported ones are named
     assert read_config(checkpoint)["architectures"] == ["STTSQwen3VLForConditionalGeneration"]
+
+
+def test_frames_with_timestamps_put_the_clients_times_in_the_prompt(
+    url: str, checkpoint: Path
+) -> None:
+    """lmms-eval's Qwen3-VL message format (`<t seconds>` before each frame image) is one
+    pruned video whose prompt carries one timestamp per temporal step: the mean of its two
+    frames' client times, as Qwen3-VL's processor prints them."""
+    import io
+
+    import httpx
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    times = [0.0, 1.0, 2.0, 3.0, 6.0, 7.0, 10.0, 11.0]
+    content: list[dict] = []
+    for t, frame in zip(times, moving_square_video(len(times), 128, 160, seed=4), strict=True):
+        buffer = io.BytesIO()
+        Image.fromarray(frame).save(buffer, format="PNG")
+        url_ = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content += [{"type": "text", "text": f"<{t:g} seconds>"}]
+        content += [{"type": "image_url", "image_url": {"url": url_}}]
+    content.append({"type": "text", "text": "What moves?"})
+    body = {
+        "model": "stts-demo",
+        "max_tokens": 1,
+        "return_token_ids": True,
+        "messages": [{"role": "user", "content": content}],
+    }
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    reply = response.json()
+    (video,) = reply["stts"]["videos"]
+    assert video["frames_collapsed"] == 8
+    steps, units_h, units_w = video["grid_thw"]
+    assert video["video_tokens_after"] == sum(step_quotas(steps, units_h * units_w, 0.5))
+    prompt = AutoTokenizer.from_pretrained(checkpoint).decode(reply["prompt_token_ids"])
+    stamps = re.findall(r"<(\d+\.\d) seconds><\|vision_start\|>", prompt)
+    assert stamps == ["0.5", "2.5", "6.5", "10.5"]
+    assert prompt.count("<|video_pad|>") == video["video_tokens_after"]

@@ -1,9 +1,11 @@
-"""`--keep-ratio`: the server's default keep ratio, so one checkpoint serves an evaluation's
-sweep of ratios; a request's `stts.keep_ratio` or `mm_processor_kwargs.stts_keep_ratio` still
-wins, and a stock checkpoint (which cannot prune) refuses a ratio below 1 at start-up."""
+"""Server-wide defaults a request can override. `--keep-ratio`: the default keep ratio, so one
+checkpoint serves an evaluation's sweep of ratios; a request's `stts.keep_ratio` or
+`mm_processor_kwargs.stts_keep_ratio` still wins, and a stock checkpoint (which cannot prune)
+refuses a ratio below 1 at start-up. `--frames-as-video off`: image parts stay images."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 from media import encode_video, moving_square_video
+from PIL import Image
 
 from server.engine import read_model_facts
 from server.settings import Settings
@@ -35,6 +38,7 @@ def url(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     port = free_port()
     argv = [sys.executable, "-m", "server.cli", "--model", str(checkpoint), "--port", str(port)]
     argv += ["--max-model-len", "8192", "--keep-ratio", str(SERVER_KEEP)]
+    argv += ["--frames-as-video", "off", "--max-media-per-message", "8"]
     log = tmp_path_factory.mktemp("keep-flag-log") / "server.log"
     with server_process(argv, f"http://127.0.0.1:{port}", "/ready", log, server_env()):
         yield f"http://127.0.0.1:{port}"
@@ -111,3 +115,25 @@ def test_a_ratio_outside_0_1_is_refused_by_the_flag(checkpoint: Path) -> None:
         timeout=120,
     )
     assert result.returncode != 0 and "keep_ratio" in result.stderr, result.stderr[-2000:]
+
+
+def test_frames_as_video_off_keeps_image_parts_images(url: str) -> None:
+    """Eight frame images, which `auto` reads as one video, are eight images here (as before
+    the policy existed), and a request can still ask for one video."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (112, 112), (200, 30, 30)).save(buffer, format="PNG")
+    image = {"type": "image_url", "image_url": {"url": data_url(buffer.getvalue(), "image/png")}}
+    content = [image] * 8 + [{"type": "text", "text": "?"}]
+    body = {
+        "model": "stts-demo",
+        "max_tokens": 1,
+        "messages": [{"role": "user", "content": content}],
+    }
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    assert response.json().get("stts") is None  # no video: nothing pruned, no report
+    body["stts"] = {"frames_as_video": True}
+    response = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    (video,) = response.json()["stts"]["videos"]
+    assert video["frames_collapsed"] == 8

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from PIL import Image
 from pydantic import ValidationError
 
-from server.chat_request import FRAME_LIST_SCHEME, ChatRequest, LoadedChat
+from server.chat_request import FRAME_LIST_SCHEME, TEXT_PARTS, ChatRequest, LoadedChat
 from server.errors import APIError
 from server.frame_runs import FramesAsVideo, frame_runs
 from server.frame_sampling import FramePlan, video_tokens
@@ -32,9 +32,7 @@ from server.state import AppState
 
 T = TypeVar("T")
 
-# Content part types that carry text, as vLLM's parser reads them.
-_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
-_SUPPORTED_PARTS = sorted([*_TEXT_PARTS, "image_url", "video_url"])
+_SUPPORTED_PARTS = sorted([*TEXT_PARTS, "image_url", "video_url"])
 
 
 def resolve_keep_ratio(options: STTSOptions, state: AppState) -> float:
@@ -128,8 +126,8 @@ class _MessageParts:
             kind = part.get("type") if isinstance(part, dict) else None
             if isinstance(part, str):
                 out.append({"type": "text", "text": part})
-            elif kind in _TEXT_PARTS:
-                out.append({"type": "text", "text": part.get(_TEXT_PARTS[kind]) or ""})
+            elif kind in TEXT_PARTS:
+                out.append({"type": "text", "text": part.get(TEXT_PARTS[kind]) or ""})
             elif kind == "image_url":
                 out.append(self._add(_MediaItem("image", url=_url(part, kind, f"{where}.{j}"))))
             elif kind == "video_url":
@@ -315,7 +313,7 @@ async def load_chat(body: ChatRequest, state: AppState) -> LoadedChat:
 
     images = [m for m in loaded if isinstance(m, Image.Image)]
     videos = [m for m in loaded if isinstance(m, LoadedVideo)]
-    collapsed = [i.collapsed for i, m in zip(items, loaded, strict=True) if i.kind == "video"]
+    collapsed = [item.collapsed for item in items if item.kind == "video"]  # `videos`' order
     mm_data: dict[str, Any] = {}
     if images:
         mm_data["image"] = images

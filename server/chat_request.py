@@ -33,6 +33,9 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)
 # (`"video_url": {"url": [frame URLs]}`) travel through them as one string in this scheme.
 FRAME_LIST_SCHEME = "stts-frames:"
 
+# Content part types that carry text, and the key of their text, as vLLM's parser reads them.
+TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+
 
 def _frame_lists_as_strings(messages: Any) -> Any:
     if not isinstance(messages, list):

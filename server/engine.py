@@ -75,9 +75,8 @@ def _default_keep_ratio(settings: Settings, config: dict[str, Any], is_stts: boo
         if not is_stts and settings.keep_ratio < 1.0:
             raise ValueError(
                 f"--keep-ratio {settings.keep_ratio}: {settings.model} is a stock checkpoint "
-                "(architectures "
-                f"{config.get('architectures')}), which cannot prune; make an STTS one with "
-                "`stts-vllm convert`, or leave --keep-ratio unset"
+                f"(architectures {config.get('architectures')}), which cannot prune; make an "
+                "STTS one with `stts-vllm convert`, or leave --keep-ratio unset"
             )
         return settings.keep_ratio
     return float((config.get("stts") or {}).get("keep_ratio", 1.0)) if is_stts else 1.0

@@ -19,21 +19,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from server.chat_request import TEXT_PARTS
 from server.errors import APIError
 
 FramesAsVideo = Literal["off", "auto", "always"]
 
 # `<12.5 seconds>`, `<12.5s>`, `12.5s`, `12.5 sec`: a text part that is only a frame's time.
 _TIMESTAMP = re.compile(r"^\s*<?\s*([-+]?\d+(?:\.\d+)?)\s*(?:s|secs?|seconds?)\s*>?\s*$", re.I)
-_TEXT_KEYS = {"text": "text", "input_text": "text"}
 
 
 def frame_timestamp(part: Any) -> float | None:
     """The time a text part states, if that is all it says."""
     if isinstance(part, str):
         text: Any = part
-    elif isinstance(part, dict) and part.get("type") in _TEXT_KEYS:
-        text = part.get(_TEXT_KEYS[part["type"]])
+    elif isinstance(part, dict) and part.get("type") in TEXT_PARTS:
+        text = part.get(TEXT_PARTS[part["type"]])
     else:
         return None
     match = _TIMESTAMP.match(text) if isinstance(text, str) else None

@@ -13,21 +13,21 @@ from stts_vllm.eval.runners import HTTPRunner, OfflineRunner, Runner, hf_agreeme
 
 def run_eval(config: EvalConfig) -> dict[str, Any]:
     """Prints the tables, writes OUT/eval.json and OUT/eval.png, returns the report."""
-    selections = config.selections
-    if selections is None:
-        selections = () if config.server else other_selections(config.checkpoint)
-    modes = [
-        m
-        for m in default_modes(config.ratios, selections)
-        if m.method in config.methods
-        and (config.long or m.split != "long")
-        and (config.distractor or m.split != "distractor")
-    ]
     runner: Runner
-    if config.server:
+    if config.server:  # a server runs its own rows (its checkpoint's method at each ratio)
         runner = HTTPRunner(config.server, config.api_key)
         modes = server_modes(config.ratios, config.long)
     else:
+        selections = config.selections
+        if selections is None:
+            selections = other_selections(config.checkpoint)
+        modes = [
+            m
+            for m in default_modes(config.ratios, selections)
+            if m.method in config.methods
+            and (config.long or m.split != "long")
+            and (config.distractor or m.split != "distractor")
+        ]
         runner = OfflineRunner(config.checkpoint)
     results = run_modes(runner, modes, config.samples)
     print(table(results))

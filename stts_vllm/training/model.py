@@ -129,7 +129,6 @@ class STTSVideoQAModel(nn.Module):
         self.stts = stts
         self.scorer = scorer
         self.family = family
-        self.timestamped = family.timestamped  # Qwen3-VL family: per-step timestamps
         self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
         self.vision_start = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
@@ -205,7 +204,7 @@ class STTSVideoQAModel(nn.Module):
         )
         grid = tuple(int(x) for x in video["video_grid_thw"][0])
         step_texts = None
-        if self.timestamped:  # as vLLM's processor: each step at its frames' mean time
+        if self.family.timestamped:  # as vLLM's processor: each step at its frames' mean time
             times = self.processor._calculate_timestamps(
                 list(range(len(sample.frames))), sample.fps, self.temporal_patch_size
             )
@@ -231,7 +230,7 @@ class STTSVideoQAModel(nn.Module):
         step its timestamp, vision start, its kept units' pads, vision end (Qwen3-VL)."""
         t, h, w = item.grid
         units = (h // self.unit) * (w // self.unit)
-        if not self.timestamped:
+        if not self.family.timestamped:
             return [self.video_pad] * (t * units if keep is None else int(keep.sum()))
         counts = [units] * t if keep is None else keep.view(t, units).sum(1).tolist()
         assert item.step_texts is not None
@@ -250,7 +249,7 @@ class STTSVideoQAModel(nn.Module):
         units_h, units_w = h // self.unit, w // self.unit
 
         def place(_: int, start: int) -> Placement:
-            if self.timestamped:
+            if self.family.timestamped:
                 return timestamped_video_positions(
                     span,
                     units_h,

@@ -29,7 +29,7 @@ FROM python:3.11-slim AS cpu-build
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY scripts/install.sh ./scripts/install.sh
+COPY scripts/install.sh scripts/guard_torchvision.py ./scripts/
 COPY stts_vllm ./stts_vllm
 COPY server ./server
 RUN PIP_EXTRA_INDEX_URL=${TORCH_INDEX} PIP_NO_CACHE_DIR=1 VENV=/opt/venv \

@@ -31,6 +31,7 @@ lint: install
 
 test: install
 	bash scripts/install_test_tools.sh
+	bash scripts/install_lmms_eval.sh
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports --no-cache
 	bash scripts/run_tests.sh

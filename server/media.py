@@ -340,22 +340,30 @@ class MediaLoader:
         *,
         fps: float,
         times: Sequence[float] | None = None,
+        num_frames: int | None = None,
     ) -> PreparedFrames:
         """A video sent as a run of frame images (time order), e.g. lmms-eval's clients:
-        every frame's header read, every frame to be scaled to the first's size. The frames
-        are at the client's `times` where it gave them (their mean rate is the video's fps),
-        else spaced at `fps`."""
+        every frame's header read (a bad one anywhere is the client's error), then, where the
+        request asks for fewer frames (`num_frames`, its `max_frames`), that many picked
+        uniformly as a video's frame plan picks them, each scaled to the first's size. The
+        frames are at the client's `times` where it gave them (their mean rate is the video's
+        fps), else spaced at `fps`."""
         images = [await self.prepare_image(url, owner) for url in urls]
+        frame_times = list(times) if times is not None else [i / fps for i in range(len(images))]
+        picking = num_frames is not None and num_frames < len(images)
+        if picking:
+            count = len(images)
+            picked = [(2 * i + 1) * count // (2 * num_frames) for i in range(num_frames)]
+            images = [images[k] for k in picked]
+            frame_times = [frame_times[k] for k in picked]
+        if (times is not None or picking) and frame_times[-1] > frame_times[0]:
+            fps = (len(frame_times) - 1) / (frame_times[-1] - frame_times[0])
         first = images[0]
         try:
             size = frame_size(first.height, first.width, self.geometry, len(images))
         except ValueError as exc:  # e.g. a 1x250 image: no patch grid fits
             raise MediaError("invalid_image", f"frame image cannot be used: {exc}") from exc
-        if times is None:
-            times = [i / fps for i in range(len(images))]
-        elif len(times) > 1 and times[-1] > times[0]:
-            fps = (len(times) - 1) / (times[-1] - times[0])
-        plan = FramePlan(times=list(times), size=size, test_time_scaled=False)
+        plan = FramePlan(times=frame_times, size=size, test_time_scaled=False)
         return PreparedFrames(images, plan, fps)
 
     async def load_frames(self, prepared: PreparedFrames) -> LoadedVideo:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 API_KEY = "test-key"
@@ -20,6 +21,8 @@ MAX_VIDEO_BYTES = 16 * 1024 * 1024
 MAX_DECODED_FRAMES = 1500
 MAX_FRAMES = 64
 REMOTE_ALLOWLIST = '["localhost", "64:ff9b::7f00:1", "::ffff:10.0.0.1"]'  # all non-public
+SUMMARY = pytest.StashKey[list[str]]()
+"""Lines a test measured (times, counts) that the session prints after its results."""
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,24 @@ def test_timestamped_frames_are_one_video_at_the_clients_times(server: Server) -
     assert abs(video["duration_seconds"] - (6.0 + 6 / 7)) < 1e-6
 
 
+def test_a_requested_frame_count_picks_among_the_clients_frames(server: Server) -> None:
+    """16 frames sent, 8 asked for (`media_io_kwargs.video.num_frames`, as with an uploaded
+    video): the middle frame of each eighth of the run, at its client time."""
+    times = [float(t) for t in range(16)]
+    body = {"media_io_kwargs": {"video": {"num_frames": 8}}}
+    video = _one_pruned_video(_ask(server, _frame_parts(16, times), **body))
+    assert (video["frames_sampled"], video["frames_collapsed"]) == (8, 16)
+    # frames 1, 3, ..., 15 (one each 2 s): the last lasts one interval more
+    assert video["duration_seconds"] == 15.0 + 2.0
+
+
+def test_a_clients_max_frames_caps_a_frame_run(server: Server) -> None:
+    video = _one_pruned_video(_ask(server, _frame_parts(12), stts={"max_frames": 6}))
+    assert (video["frames_sampled"], video["frames_collapsed"]) == (6, 12)
+    # frames 1, 3, ..., 11 of a run spaced at --fps 2: one each second
+    assert video["duration_seconds"] == 5.5 + 1.0
+
+
 def test_a_run_below_k_stays_images(server: Server) -> None:
     """Three image parts (below the default 4) are three images: over this server's limit of
     two media a message."""

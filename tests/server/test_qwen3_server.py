@@ -10,7 +10,6 @@ import json
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,27 +17,20 @@ from media import encode_video, moving_square_video
 
 from server.engine import read_model_facts
 from server.settings import Settings
-from stts_vllm.checkpoint import convert, derive, read_config
+from stts_vllm.checkpoint import read_config
 from stts_vllm.core import step_quotas
-from stts_vllm.demo import make_demo
-from tests.processes import free_port, server_env, server_process
+from tests.processes import free_port, server_env
+from tests.server.helpers import Server
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("qwen3-server")
-    stock = derive(make_demo(root / "demo", family="qwen3_vl"), root / "stock", stock=True)
-    return convert(stock, root / "stts", keep_ratio=0.5, prune_at=1)
+def checkpoint(qwen3_checkpoint: Path) -> Path:
+    return qwen3_checkpoint
 
 
 @pytest.fixture(scope="module")
-def url(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    argv = [sys.executable, "-m", "server.cli", "--model", str(checkpoint), "--port", str(port)]
-    argv += ["--max-model-len", "8192"]
-    log = tmp_path_factory.mktemp("qwen3-server-log") / "server.log"
-    with server_process(argv, f"http://127.0.0.1:{port}", "/ready", log, server_env()):
-        yield f"http://127.0.0.1:{port}"
+def url(qwen3_server: Server) -> str:
+    return qwen3_server.url
 
 
 def test_geometry_is_read_from_the_processor_config(checkpoint: Path) -> None:

@@ -23,12 +23,12 @@ from pydantic import ValidationError
 from server.chat_request import FRAME_LIST_SCHEME, TEXT_PARTS, ChatRequest, LoadedChat
 from server.errors import APIError
 from server.frame_runs import FramesAsVideo, frame_runs
-from server.frame_sampling import FramePlan, video_tokens
 from server.media import LoadedVideo, PreparedFrames, PreparedImage, PreparedVideo
-from server.media_errors import MediaError
 from server.schemas import STTSOptions, STTSReport, VideoReport
 from server.settings import Settings
 from server.state import AppState
+from stts_vllm.media.errors import MediaError
+from stts_vllm.media.frames import FramePlan, video_tokens
 
 T = TypeVar("T")
 

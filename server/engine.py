@@ -9,8 +9,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from server.frame_sampling import VisionGeometry
 from server.settings import Settings
+from stts_vllm.media.geometry import VisionGeometry, read_vision_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -25,40 +25,14 @@ class ModelFacts:
 
 
 def read_model_facts(settings: Settings) -> ModelFacts:
-    """The family (from `config.json`), STTS defaults, and the video processor's geometry:
-    read, never assumed (Qwen2.5-VL has 14 px patches, Qwen3-VL 16), so a checkpoint that
-    lacks them stops the server at start-up with the missing field named."""
-    from stts_vllm.families import FAMILIES, family_of_config
+    """The family (from `config.json`), STTS defaults, and the video processor's geometry
+    (`stts_vllm.media.geometry`): a checkpoint that lacks one stops the server at start-up
+    with the missing field named."""
+    from stts_vllm.families import FAMILIES
 
     config = json.loads((settings.model / "config.json").read_text())
-    family = family_of_config(config, str(settings.model / "config.json"))
-    video, source = _video_processor_config(settings)
-
-    def field(name: str) -> int:
-        if not isinstance(video.get(name), int):
-            raise ValueError(f"{source}: the video processor config has no integer {name!r}")
-        return int(video[name])
-
-    size = video.get("size") or {}
-    bounds = {}
-    for bound, (size_key, legacy_key) in {
-        "min_pixels": ("shortest_edge", "min_pixels"),
-        "max_pixels": ("longest_edge", "max_pixels"),
-    }.items():
-        value = size.get(size_key, video.get(legacy_key))
-        if not isinstance(value, int):
-            raise ValueError(
-                f"{source}: the video processor config has no size.{size_key} ({legacy_key})"
-            )
-        bounds[bound] = value
-    geometry = VisionGeometry(
-        patch_size=field("patch_size"),
-        merge_size=field("merge_size"),
-        temporal_patch_size=field("temporal_patch_size"),
-        min_pixels=int(settings.frame_min_pixels or bounds["min_pixels"]),
-        max_pixels=int(settings.frame_max_pixels or bounds["max_pixels"]),
-        per_video_pixels=family.bounds_video_volume,
-        timestamped=family.timestamped,
+    geometry = read_vision_geometry(
+        settings.model, min_pixels=settings.frame_min_pixels, max_pixels=settings.frame_max_pixels
     )
     is_stts = any(f.stts_architecture in config.get("architectures", []) for f in FAMILIES)
     return ModelFacts(
@@ -80,24 +54,6 @@ def _default_keep_ratio(settings: Settings, config: dict[str, Any], is_stts: boo
             )
         return settings.keep_ratio
     return float((config.get("stts") or {}).get("keep_ratio", 1.0)) if is_stts else 1.0
-
-
-def _video_processor_config(settings: Settings) -> tuple[dict[str, Any], str]:
-    """transformers v5 keeps it in `processor_config.json`, older checkpoints in
-    `video_preprocessor_config.json` or `preprocessor_config.json`."""
-    combined = settings.model / "processor_config.json"
-    if combined.exists():
-        video = json.loads(combined.read_text()).get("video_processor")
-        if video:
-            return video, str(combined)
-    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
-        path = settings.model / name
-        if path.exists():
-            return json.loads(path.read_text()), str(path)
-    raise ValueError(
-        f"{settings.model} has no video processor config (processor_config.json, "
-        "video_preprocessor_config.json or preprocessor_config.json)"
-    )
 
 
 def merge_engine_args(named: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

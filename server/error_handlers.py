@@ -14,8 +14,8 @@ from vllm.exceptions import VLLMError, VLLMValidationError
 from vllm.v1.engine.exceptions import EngineDeadError
 
 from server.errors import ENGINE_DEAD, APIError, error_code, error_response
-from server.media_errors import MediaError
 from server.vllm_compat import error_fields
+from stts_vllm.media.errors import MediaError
 
 logger = logging.getLogger(__name__)
 

@@ -42,8 +42,8 @@ from fastapi import UploadFile
 from pydantic import ValidationError
 
 from server.auth import SHARED_OWNER
-from server.media_errors import MediaError
 from server.schemas import FileObject
+from stts_vllm.media.errors import MediaError
 
 logger = logging.getLogger(__name__)
 

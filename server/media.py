@@ -2,7 +2,7 @@
 
 Sources: `data:` URLs (base64), `file-…` ids of uploads, `file://` under a configured media
 root, and `http(s)://` only for allowlisted hosts that resolve to public addresses. Videos are
-probed, planned (`frame_sampling`), decoded in a worker thread, and cached by content digest
+probed, planned (`stts_vllm.media.frames`), decoded in a worker thread, and cached by content digest
 and plan, so repeated questions about one video skip decoding.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import binascii
-import dataclasses
 import functools
 import hashlib
 import io
@@ -31,11 +30,12 @@ from PIL import Image, UnidentifiedImageError
 from server import metrics
 from server.auth import SHARED_OWNER
 from server.file_store import FileStore
-from server.frame_sampling import FramePlan, VisionGeometry, frame_size, plan_frames
-from server.media_errors import MediaError
 from server.remote_media import fetch_remote
 from server.settings import Settings
-from server.video_decode import DecodeBudget, DecodedVideo, VideoInfo, decode, probe
+from stts_vllm.media.decode import DecodeBudget, DecodedVideo, VideoInfo, decode, probe
+from stts_vllm.media.errors import MediaError
+from stts_vllm.media.frames import FramePlan, frame_size, plan_video
+from stts_vllm.media.geometry import VisionGeometry
 from stts_vllm.video_inputs import timed_video_metadata, video_metadata
 
 T = TypeVar("T")
@@ -256,10 +256,9 @@ class MediaLoader:
         keep_ratio: float,
         test_time_scaling: bool,
     ) -> FramePlan:
-        plan = plan_frames(
-            info.duration,
-            info.frame_count,
-            (0, 0),  # sized below: Qwen3-VL's pixel budget depends on the frame count
+        return plan_video(
+            info,
+            self.geometry,
             fps=fps,
             num_frames=num_frames,
             min_frames=self.settings.min_frames,
@@ -267,11 +266,6 @@ class MediaLoader:
             keep_ratio=keep_ratio,
             test_time_scaling=test_time_scaling,
         )
-        try:
-            size = frame_size(info.height, info.width, self.geometry, plan.num_frames)
-        except ValueError as exc:
-            raise MediaError("invalid_video", str(exc)) from exc
-        return dataclasses.replace(plan, size=size)
 
     def _metadata(self, times: list[float], fps: float, duration: float | None) -> dict[str, Any]:
         """Qwen3-VL prints each step's time: the real decode times. Qwen2.5-VL's positions

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from server.media_errors import MediaError
+from stts_vllm.media.errors import MediaError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

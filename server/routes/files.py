@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 
 from server.schemas import FileDeleted, FileList, FileObject
 from server.state import OwnerDep, StateDep, require_api_key
-from server.video_decode import probe
+from stts_vllm.media.decode import probe
 
 router = APIRouter(prefix="/v1/files", dependencies=[Depends(require_api_key)])
 

@@ -13,7 +13,7 @@ import pytest
 from starlette.datastructures import UploadFile
 
 from server.file_store import SHARED_OWNER, FileStore, file_id
-from server.media_errors import MediaError
+from stts_vllm.media.errors import MediaError
 
 A = "key-aaaaaaaaaaaaaaaa"
 B = "key-bbbbbbbbbbbbbbbb"

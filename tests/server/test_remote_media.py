@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from server.media_errors import MediaError
 from server.remote_media import (
     IPAddress,
     RemoteMedia,
@@ -30,6 +29,7 @@ from server.remote_media import (
     is_public,
     resolve,
 )
+from stts_vllm.media.errors import MediaError
 
 HOST = "media.example"
 Reply = Callable[[asyncio.StreamWriter], Awaitable[None]]

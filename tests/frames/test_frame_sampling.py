@@ -1,4 +1,4 @@
-"""Frame plans, frame sizes and video token counts (`server.frame_sampling`): pure arithmetic,
+"""Frame plans, frame sizes and video token counts (`stts_vllm.media.frames`): pure arithmetic,
 no video, engine or server."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from server.frame_sampling import VisionGeometry, frame_size, plan_frames, video_tokens
 from stts_vllm.core import retained_count
+from stts_vllm.media.frames import frame_size, plan_frames, video_tokens
+from stts_vllm.media.geometry import VisionGeometry
 
 QWEN2_5 = VisionGeometry()  # 14 px patches, each frame's area bounded
 QWEN3 = VisionGeometry(

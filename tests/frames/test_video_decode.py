@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 from media import audio_only_m4a, encode_keyframed_video, encode_video, level_video
 
-from server.frame_sampling import VisionGeometry, frame_size
-from server.media_errors import MediaError
-from server.video_decode import DecodeBudget, DecodeCancelled, DecodedVideo, decode, probe
+from stts_vllm.media.decode import DecodeBudget, DecodeCancelled, DecodedVideo, decode, probe
+from stts_vllm.media.errors import MediaError
+from stts_vllm.media.frames import frame_size
+from stts_vllm.media.geometry import VisionGeometry
 
 FPS = 8
 

@@ -7,31 +7,14 @@ spread over more moments of the video.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 from stts_vllm.core import retained_count
-
-
-@dataclass(frozen=True)
-class VisionGeometry:
-    """What the served model's processor does to frames (read from its processor config).
-
-    Qwen2.5-VL bounds each frame's area by `min_pixels..max_pixels`; Qwen3-VL bounds a whole
-    video's volume (frames x height x width) and writes each temporal step's time into the
-    prompt (`per_video_pixels`, `timestamped`)."""
-
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
-    min_pixels: int = 3136
-    max_pixels: int = 200704
-    per_video_pixels: bool = False
-    timestamped: bool = False
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
+from stts_vllm.media.decode import VideoInfo
+from stts_vllm.media.errors import MediaError
+from stts_vllm.media.geometry import VisionGeometry
 
 
 @dataclass(frozen=True)
@@ -111,3 +94,34 @@ def video_tokens(
     units_h, units_w = size[0] // geometry.factor, size[1] // geometry.factor
     before = steps * units_h * units_w
     return (steps, units_h, units_w), before, retained_count(steps, units_h * units_w, keep_ratio)
+
+
+def plan_video(
+    info: VideoInfo,
+    geometry: VisionGeometry,
+    *,
+    fps: float,
+    num_frames: int | None,
+    min_frames: int,
+    max_frames: int,
+    keep_ratio: float,
+    test_time_scaling: bool,
+) -> FramePlan:
+    """The frames of a probed video and their size: what the server decodes for a request
+    and what training decodes for a record with the same settings."""
+    plan = plan_frames(
+        info.duration,
+        info.frame_count,
+        (0, 0),  # sized below: Qwen3-VL's pixel budget depends on the frame count
+        fps=fps,
+        num_frames=num_frames,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        keep_ratio=keep_ratio,
+        test_time_scaling=test_time_scaling,
+    )
+    try:
+        size = frame_size(info.height, info.width, geometry, plan.num_frames)
+    except ValueError as exc:
+        raise MediaError("invalid_video", str(exc)) from exc
+    return dataclasses.replace(plan, size=size)

@@ -18,7 +18,7 @@ from pathlib import Path
 import av
 import numpy as np
 
-from server.media_errors import MediaError
+from stts_vllm.media.errors import MediaError
 
 SEEK_GAP_SECONDS = 3.0
 """Farther than this from the current decode position, seeking beats decoding through."""

@@ -36,7 +36,7 @@ from stts_vllm.media.decode import DecodeBudget, DecodedVideo, VideoInfo, decode
 from stts_vllm.media.errors import MediaError
 from stts_vllm.media.frames import FramePlan, frame_size, plan_video
 from stts_vllm.media.geometry import VisionGeometry
-from stts_vllm.video_inputs import timed_video_metadata, video_metadata
+from stts_vllm.media.video import frames_metadata, sampled_fps
 
 T = TypeVar("T")
 
@@ -267,13 +267,6 @@ class MediaLoader:
             test_time_scaling=test_time_scaling,
         )
 
-    def _metadata(self, times: list[float], fps: float, duration: float | None) -> dict[str, Any]:
-        """Qwen3-VL prints each step's time: the real decode times. Qwen2.5-VL's positions
-        need a frame rate: that of the sampled frames."""
-        if self.geometry.timestamped:
-            return timed_video_metadata(times, duration or times[-1], backend="pyav")
-        return video_metadata(len(times), fps, backend="pyav")
-
     async def prepare_video(
         self,
         url: str,
@@ -322,9 +315,8 @@ class MediaLoader:
             metrics.FRAMES_DECODED.inc(decoded.decoded_frames)
             self.cache.put(key, decoded)
         metrics.DECODES.labels(cache="hit" if hit else "miss").inc()
-        span = plan.times[-1] - plan.times[0] if plan.num_frames > 1 else 0.0
-        fps_sampled = (plan.num_frames - 1) / span if span > 0 else prepared.fps
-        metadata = self._metadata(decoded.times, fps_sampled, info.duration)
+        fps_sampled = sampled_fps(plan, prepared.fps)
+        metadata = frames_metadata(decoded.times, fps_sampled, info.duration, self.geometry)
         return LoadedVideo(decoded.frames, fps_sampled, info.duration, plan, hit, metadata)
 
     async def prepare_frames(
@@ -365,7 +357,7 @@ class MediaLoader:
         frames = await self._run(_frame_stack, [i.data for i in prepared.images], plan.size)
         metrics.DECODES.labels(cache="miss").inc()
         duration = plan.times[-1] + 1 / fps  # the last frame lasts one frame interval
-        metadata = self._metadata(plan.times, fps, duration)
+        metadata = frames_metadata(plan.times, fps, duration, self.geometry)
         return LoadedVideo(frames, fps, duration, plan, False, metadata)
 
 

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
+from stts_vllm.media.video import FrameSampling
+
 DEMO_MODEL = Path("artifacts/demo-stts")
 
 
@@ -107,9 +109,9 @@ class Settings(BaseSettings):
     )
 
     # -- sampling and STTS --
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 256
+    fps: float = FrameSampling.fps  # the defaults training samples with too
+    min_frames: int = FrameSampling.min_frames
+    max_frames: int = FrameSampling.max_frames
     frame_min_pixels: int | None = Field(None, description="default: the model's processor")
     frame_max_pixels: int | None = Field(None, description="default: the model's processor")
     test_time_scaling: bool = Field(True, description="spend pruning savings on more frames")

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ from stts_vllm.core.mrope import Placement
 from stts_vllm.families import Family, family_of_config, resolve_stts
 from stts_vllm.training.hf_vision import pruned_vision_forward
 from stts_vllm.training.videoqa import VideoQA
+from stts_vllm.video_inputs import timed_video_metadata
 
 # Files a checkpoint directory carries besides weights and config (tokenizer, processor).
 _SIDE_FILES = (
@@ -70,18 +71,60 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
 
 
 @dataclass
-class Prepared:
-    """One sample, tokenized and preprocessed: the prompt around the video placeholder, the
-    answer's token ids (answer word + end of turn), and the video's pixels and grid."""
+class MediaInput:
+    """One image or video of a sample, preprocessed: its pixels and grid as the processor
+    gives them, its time factor (Qwen2.5-VL's M-RoPE) and, for a Qwen3-VL video, the
+    `<t seconds>` ids of every temporal step."""
 
-    prefix: list[int]
-    suffix: list[int]
-    answer: list[int]
+    kind: Literal["video", "image"]
     pixel_values: torch.Tensor
-    grid: tuple[int, int, int]  # (T, H, W) in patches, as the processor gives it
-    t_factor: float
-    sample: VideoQA
-    step_texts: list[list[int]] | None = None  # Qwen3-VL: `<t seconds>` ids of every step
+    grid: tuple[int, int, int]  # (T, H, W) in patches
+    t_factor: float = 1.0
+    step_texts: list[list[int]] | None = None
+
+
+@dataclass
+class Prepared:
+    """One sample, tokenized and preprocessed: its token ids with one placeholder token
+    (`<|video_pad|>`, `<|image_pad|>`) per media item, which ids are targets of the LM loss
+    (the assistant's tokens), and the media in placeholder order. A video QA sample is one
+    video, a question and a one-word answer; a fine-tuning record, a whole conversation."""
+
+    ids: list[int]
+    labels: list[bool]
+    media: list[MediaInput]
+    media_at: list[int]  # the index in `ids` of each media item's placeholder
+    sample: Any = None
+
+    # -- a one-video sample's view (the procedural video QA, its probes and tests) --
+
+    @property
+    def answer(self) -> list[int]:
+        return [i for i, target in zip(self.ids, self.labels, strict=True) if target]
+
+    @property
+    def prefix(self) -> list[int]:
+        return self.ids[: self.media_at[0]]
+
+    @property
+    def suffix(self) -> list[int]:
+        return self.ids[self.media_at[0] + 1 : self.labels.index(True)]
+
+    @property
+    def pixel_values(self) -> torch.Tensor:
+        return self.media[0].pixel_values
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.media[0].grid
+
+    @property
+    def t_factor(self) -> float:
+        return self.media[0].t_factor
+
+    @property
+    def step_texts(self) -> list[list[int]] | None:
+        return self.media[0].step_texts
 
 
 @dataclass
@@ -130,6 +173,7 @@ class STTSVideoQAModel(nn.Module):
         self.scorer = scorer
         self.family = family
         self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
+        self.image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.vision_start = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
         self.vision_end = self.tokenizer.convert_tokens_to_ids("<|vision_end|>")
         self.end_of_turn = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -195,76 +239,102 @@ class STTSVideoQAModel(nn.Module):
         return ids
 
     def prepare(self, sample: VideoQA) -> Prepared:
+        """A procedural video QA sample: the chat prompt around its video, then the answer
+        word and the end of the turn as the targets."""
         ids = self.tokenizer.encode(
             chat_prompt(self.tokenizer, sample.question), add_special_tokens=False
         )
-        at = ids.index(self.video_pad)
+        answer = [*self.answer_ids(sample.answer), self.end_of_turn]
+        return Prepared(
+            ids=[*ids, *answer],
+            labels=[False] * len(ids) + [True] * len(answer),
+            media=[self.video_input(sample.frames, sample.fps)],
+            media_at=[ids.index(self.video_pad)],
+            sample=sample,
+        )
+
+    def video_input(
+        self, frames: Any, fps: float, times: Sequence[float] | None = None
+    ) -> MediaInput:
+        """Frames (`[T, H, W, 3]`, already sampled and sized) through the checkpoint's video
+        processor, with what positions and prompt need: Qwen2.5-VL's time factor at `fps`,
+        and Qwen3-VL's per-step `<t seconds>`, each step at its frames' mean time as vLLM's
+        processor prints it (`times`: the frames' decode times; default: spaced at `fps`)."""
         video = self.processor.video_processor(
-            videos=[sample.frames], do_sample_frames=False, return_tensors="pt"
+            videos=[frames], do_sample_frames=False, return_tensors="pt"
         )
         grid = tuple(int(x) for x in video["video_grid_thw"][0])
         step_texts = None
-        if self.family.timestamped:  # as vLLM's processor: each step at its frames' mean time
-            times = self.processor._calculate_timestamps(
-                list(range(len(sample.frames))), sample.fps, self.temporal_patch_size
+        if self.family.timestamped:
+            if times is None:
+                indices, rate = list(range(len(frames))), fps
+            else:  # in milliseconds, as the server's metadata gives them (`video_inputs`)
+                metadata = timed_video_metadata(times, times[-1])
+                indices, rate = metadata["frames_indices"], metadata["fps"]
+            step_times = self.processor._calculate_timestamps(
+                indices, rate, self.temporal_patch_size
             )
             step_texts = [
-                self.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False) for t in times
+                self.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False)
+                for t in step_times
             ]
-        return Prepared(
-            prefix=ids[:at],
-            suffix=ids[at + 1 :],
-            answer=[*self.answer_ids(sample.answer), self.end_of_turn],
+        return MediaInput(
+            kind="video",
             pixel_values=video["pixel_values_videos"],
             grid=grid,  # type: ignore[arg-type]
             # as serving computes it (the processor's float32 seconds per step)
-            t_factor=mrope_time_factor(
-                self.temporal_patch_size / sample.fps, self.tokens_per_second
-            ),
-            sample=sample,
+            t_factor=mrope_time_factor(self.temporal_patch_size / fps, self.tokens_per_second),
             step_texts=step_texts,
         )
 
-    def _video_span(self, item: Prepared, keep: torch.Tensor | None) -> list[int]:
-        """The tokens that stand for the video: one pad per kept unit (Qwen2.5-VL), or per
-        step its timestamp, vision start, its kept units' pads, vision end (Qwen3-VL)."""
-        t, h, w = item.grid
+    def image_input(self, image: Any) -> MediaInput:
+        """An image through the checkpoint's image processor: one temporal step, never
+        pruned."""
+        processed = self.processor.image_processor(images=[image], return_tensors="pt")
+        grid = tuple(int(x) for x in processed["image_grid_thw"][0])
+        return MediaInput(kind="image", pixel_values=processed["pixel_values"], grid=grid)  # type: ignore[arg-type]
+
+    def _media_span(self, media: MediaInput, keep: torch.Tensor | None) -> list[int]:
+        """The tokens that stand for one media item: one pad per kept unit (Qwen2.5-VL
+        videos, every image), or per step its timestamp, vision start, its kept units' pads,
+        vision end (Qwen3-VL videos)."""
+        t, h, w = media.grid
         units = (h // self.unit) * (w // self.unit)
+        if media.kind == "image":
+            return [self.image_pad] * (t * units)
         if not self.family.timestamped:
             return [self.video_pad] * (t * units if keep is None else int(keep.sum()))
         counts = [units] * t if keep is None else keep.view(t, units).sum(1).tolist()
-        assert item.step_texts is not None
+        assert media.step_texts is not None
         span: list[int] = []
-        for text, count in zip(item.step_texts, counts, strict=True):
+        for text, count in zip(media.step_texts, counts, strict=True):
             span += [*text, self.vision_start, *[self.video_pad] * int(count), self.vision_end]
         return span
 
-    def _positions(
-        self, item: Prepared, keep: torch.Tensor | None, span: list[int], length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[3, n]` M-RoPE and `[n]` text positions of one packed sample (prompt + answer),
-        as vLLM computes them: kept units at their own positions, text after the video
-        resuming past its unpruned extent."""
-        t, h, w = item.grid
+    def _video_span(self, item: Prepared, keep: torch.Tensor | None) -> list[int]:
+        """A one-video sample's video tokens (the probes read them)."""
+        return self._media_span(item.media[0], keep)
+
+    def _place(
+        self, media: MediaInput, keep: torch.Tensor | None, span: list[int], start: int
+    ) -> Placement:
+        """One media item's M-RoPE positions from `start`, as vLLM places them: kept units at
+        their own positions, the text after resuming past the unpruned extent."""
+        t, h, w = media.grid
         units_h, units_w = h // self.unit, w // self.unit
-
-        def place(_: int, start: int) -> Placement:
-            if self.family.timestamped:
-                return timestamped_video_positions(
-                    span,
-                    units_h,
-                    units_w,
-                    start,
-                    video_token=self.video_pad,
-                    vision_start=self.vision_start,
-                    vision_end=self.vision_end,
-                    keep_mask=keep,
-                )
-            grid = mrope_positions(t, units_h, units_w, item.t_factor)
-            return grid_placement(grid, start, slice(None) if keep is None else keep.cpu())
-
-        positions, _ = prompt_mrope_positions(length, [(len(item.prefix), len(span))], place)
-        return positions, torch.arange(length)
+        if media.kind == "video" and self.family.timestamped:
+            return timestamped_video_positions(
+                span,
+                units_h,
+                units_w,
+                start,
+                video_token=self.video_pad,
+                vision_start=self.vision_start,
+                vision_end=self.vision_end,
+                keep_mask=keep,
+            )
+        grid = mrope_positions(t, units_h, units_w, media.t_factor)
+        return grid_placement(grid, start, slice(None) if keep is None else keep.cpu())
 
     # -- forward --
 
@@ -290,11 +360,18 @@ class STTSVideoQAModel(nn.Module):
         explore: float,
         device: torch.device,
     ) -> Outputs:
+        media = [m for item in batch for m in item.media]
+        # a sample's keep ratio prunes its videos; images are never pruned
+        keeps = [
+            keep if m.kind == "video" else 1.0
+            for item, keep in zip(batch, keep_ratios, strict=True)
+            for m in item.media
+        ]
         vision = pruned_vision_forward(
             self.hf.model.visual,
-            torch.cat([b.pixel_values for b in batch]).to(device),
-            [b.grid for b in batch],
-            keep_ratios,
+            torch.cat([m.pixel_values for m in media]).to(device),
+            [m.grid for m in media],
+            keeps,
             config=self.stts,
             scorer=self.scorer,
             selection=self.stts.selection,
@@ -304,52 +381,100 @@ class STTSVideoQAModel(nn.Module):
         embed = self.hf.model.get_input_embeddings()
         segments: list[Segment] = []
         targets: list[int] = []
-        for item, video, keep in zip(batch, vision.embeds, vision.keep_masks, strict=True):
-            # Main embeddings first; Qwen3-VL's deepstack levels follow on the last dim.
-            main, deepstack = video[:, : self.text_width], video[:, self.text_width :]
-            span = self._video_span(item, keep)
-            # The last answer token is only a target, never an input.
-            ids = torch.tensor([*item.prefix, *span, *item.suffix, *item.answer[:-1]])
-            embeds = embed(ids.to(device))
-            is_video = ids.eq(self.video_pad)
-            embeds = embeds.masked_scatter(is_video.to(device).unsqueeze(-1), main.to(embeds.dtype))
-            mrope, text = self._positions(item, keep, span, embeds.shape[0])
-            first = len(item.prefix) + len(span) + len(item.suffix) - 1
-            segments.append(
-                Segment(
-                    embeds=embeds,
-                    positions=torch.cat([text.view(1, -1), mrope]),
-                    answer_rows=list(range(first, first + len(item.answer))),
-                    video_rows=is_video,
-                    deepstack=deepstack.reshape(main.shape[0], -1, self.text_width),
-                )
-            )
-            targets += item.answer
+        owned: list[range] = []  # each sample's media, as indices into `media`
+        for item in batch:
+            first = owned[-1].stop if owned else 0
+            owned.append(range(first, first + len(item.media)))
+            encoded = [vision.embeds[i] for i in owned[-1]]
+            masks = [vision.keep_masks[i] for i in owned[-1]]
+            segment, item_targets = self._segment(item, encoded, masks, embed, device)
+            segments.append(segment)
+            targets += item_targets
         hidden = self._packed_llm(segments, device)
         logits = self.hf.lm_head(hidden)
         token_losses = F.cross_entropy(
             logits.float(), torch.tensor(targets, device=device), reduction="none"
         )
         lm_loss = token_losses.mean()
-        per_sample = token_losses.detach().split([len(item.answer) for item in batch])
+        counts = [len(segment.answer_rows) for segment in segments]
+        per_sample = token_losses.detach().split(counts)
         temporal = vision.temporal_loss
         if temporal is None:
             temporal = logits.new_zeros(())
         firsts, start = [], 0
-        for item in batch:
+        for count in counts:
             firsts.append(logits[start].detach())
-            start += len(item.answer)
+            start += count
+        log_probs = []
+        for indices in owned:
+            drawn = [vision.log_probs[i] for i in indices if vision.log_probs[i] is not None]
+            log_probs.append(torch.stack(drawn).sum() if drawn else None)
         return Outputs(
             loss=lm_loss + aux_weight * temporal,
             lm_loss=lm_loss.detach(),
             temporal_loss=temporal.detach(),
             answer_logits=firsts,
-            video_tokens=[e.shape[0] for e in vision.embeds],
+            video_tokens=[
+                sum(vision.embeds[i].shape[0] for i in indices if media[i].kind == "video")
+                for indices in owned
+            ],
             scores=vision.scores,
             targets=vision.targets,
             sample_losses=torch.stack([loss.mean() for loss in per_sample]),
-            log_probs=vision.log_probs,
+            log_probs=log_probs,
         )
+
+    def _segment(
+        self,
+        item: Prepared,
+        encoded: Sequence[torch.Tensor],
+        keep_masks: Sequence[torch.Tensor | None],
+        embed: nn.Module,
+        device: torch.device,
+    ) -> tuple[Segment, list[int]]:
+        """One sample laid out for the LLM, and its targets: each placeholder expanded to its
+        media's (kept) tokens and their embeddings, positions as vLLM computes them, and the
+        rows that predict each target id."""
+        ids: list[int] = []
+        labels: list[bool] = []
+        runs: list[tuple[int, int]] = []
+        spans: list[list[int]] = []
+        previous = 0
+        for at, media, keep in zip(item.media_at, item.media, keep_masks, strict=True):
+            ids += item.ids[previous:at]
+            labels += item.labels[previous:at]
+            span = self._media_span(media, keep)
+            runs.append((len(ids), len(span)))
+            spans.append(span)
+            ids += span
+            labels += [False] * len(span)
+            previous = at + 1
+        ids += item.ids[previous:]
+        labels += item.labels[previous:]
+        # A last target is only a target, never an input.
+        inputs = ids[:-1] if labels[-1] else ids
+        tokens = torch.tensor(inputs)
+        embeds = embed(tokens.to(device))
+        # Main embeddings first; Qwen3-VL's deepstack levels follow on the last dim.
+        features = torch.cat(list(encoded))
+        main, deepstack = features[:, : self.text_width], features[:, self.text_width :]
+        is_media = tokens.eq(self.video_pad) | tokens.eq(self.image_pad)
+        embeds = embeds.masked_scatter(is_media.to(device).unsqueeze(-1), main.to(embeds.dtype))
+
+        def place(i: int, start: int) -> Placement:
+            return self._place(item.media[i], keep_masks[i], spans[i], start)
+
+        mrope, _ = prompt_mrope_positions(len(inputs), runs, place)
+        text = torch.arange(len(inputs))
+        targets = [i for i, target in enumerate(labels) if target]
+        segment = Segment(
+            embeds=embeds,
+            positions=torch.cat([text.view(1, -1), mrope]),
+            answer_rows=[i - 1 for i in targets],
+            video_rows=is_media,
+            deepstack=deepstack.reshape(main.shape[0], -1, self.text_width),
+        )
+        return segment, [ids[i] for i in targets]
 
     def _packed_llm(self, segments: list[Segment], device: torch.device) -> torch.Tensor:
         """Run the LLM on samples packed into rows of about `row_tokens` tokens (attention

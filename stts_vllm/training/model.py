@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -36,15 +36,14 @@ from stts_vllm.core import (
     STTSScorer,
     grid_placement,
     mrope_positions,
-    mrope_time_factor,
     prompt_mrope_positions,
     timestamped_video_positions,
 )
 from stts_vllm.core.mrope import Placement
 from stts_vllm.families import Family, family_of_config, resolve_stts
 from stts_vllm.training.hf_vision import pruned_vision_forward
+from stts_vllm.training.inputs import InputBuilder, MediaInput
 from stts_vllm.training.videoqa import VideoQA
-from stts_vllm.video_inputs import timed_video_metadata
 
 # Files a checkpoint directory carries besides weights and config (tokenizer, processor).
 _SIDE_FILES = (
@@ -68,19 +67,6 @@ def chat_prompt(tokenizer: Any, question: str) -> str:
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
-
-
-@dataclass
-class MediaInput:
-    """One image or video of a sample, preprocessed: its pixels and grid as the processor
-    gives them, its time factor (Qwen2.5-VL's M-RoPE) and, for a Qwen3-VL video, the
-    `<t seconds>` ids of every temporal step."""
-
-    kind: Literal["video", "image"]
-    pixel_values: torch.Tensor
-    grid: tuple[int, int, int]  # (T, H, W) in patches
-    t_factor: float = 1.0
-    step_texts: list[list[int]] | None = None
 
 
 @dataclass
@@ -172,6 +158,7 @@ class STTSVideoQAModel(nn.Module):
         self.stts = stts
         self.scorer = scorer
         self.family = family
+        self.inputs = InputBuilder(processor, family, hf.config.vision_config)
         self.video_pad = self.tokenizer.convert_tokens_to_ids("<|video_pad|>")
         self.image_pad = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self.vision_start = self.tokenizer.convert_tokens_to_ids("<|vision_start|>")
@@ -248,51 +235,10 @@ class STTSVideoQAModel(nn.Module):
         return Prepared(
             ids=[*ids, *answer],
             labels=[False] * len(ids) + [True] * len(answer),
-            media=[self.video_input(sample.frames, sample.fps)],
+            media=[self.inputs.video(sample.frames, sample.fps)],
             media_at=[ids.index(self.video_pad)],
             sample=sample,
         )
-
-    def video_input(
-        self, frames: Any, fps: float, times: Sequence[float] | None = None
-    ) -> MediaInput:
-        """Frames (`[T, H, W, 3]`, already sampled and sized) through the checkpoint's video
-        processor, with what positions and prompt need: Qwen2.5-VL's time factor at `fps`,
-        and Qwen3-VL's per-step `<t seconds>`, each step at its frames' mean time as vLLM's
-        processor prints it (`times`: the frames' decode times; default: spaced at `fps`)."""
-        video = self.processor.video_processor(
-            videos=[frames], do_sample_frames=False, return_tensors="pt"
-        )
-        grid = tuple(int(x) for x in video["video_grid_thw"][0])
-        step_texts = None
-        if self.family.timestamped:
-            if times is None:
-                indices, rate = list(range(len(frames))), fps
-            else:  # in milliseconds, as the server's metadata gives them (`video_inputs`)
-                metadata = timed_video_metadata(times, times[-1])
-                indices, rate = metadata["frames_indices"], metadata["fps"]
-            step_times = self.processor._calculate_timestamps(
-                indices, rate, self.temporal_patch_size
-            )
-            step_texts = [
-                self.tokenizer.encode(f"<{t:.1f} seconds>", add_special_tokens=False)
-                for t in step_times
-            ]
-        return MediaInput(
-            kind="video",
-            pixel_values=video["pixel_values_videos"],
-            grid=grid,  # type: ignore[arg-type]
-            # as serving computes it (the processor's float32 seconds per step)
-            t_factor=mrope_time_factor(self.temporal_patch_size / fps, self.tokens_per_second),
-            step_texts=step_texts,
-        )
-
-    def image_input(self, image: Any) -> MediaInput:
-        """An image through the checkpoint's image processor: one temporal step, never
-        pruned."""
-        processed = self.processor.image_processor(images=[image], return_tensors="pt")
-        grid = tuple(int(x) for x in processed["image_grid_thw"][0])
-        return MediaInput(kind="image", pixel_values=processed["pixel_values"], grid=grid)  # type: ignore[arg-type]
 
     def _media_span(self, media: MediaInput, keep: torch.Tensor | None) -> list[int]:
         """The tokens that stand for one media item: one pad per kept unit (Qwen2.5-VL

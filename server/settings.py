@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, CliImplicitFlag, SettingsConfigDict
 
-from stts_vllm.media.video import FrameSampling
+from stts_vllm.media.sampling import FrameSampling
 
 DEMO_MODEL = Path("artifacts/demo-stts")
 

@@ -260,7 +260,37 @@ def convert(
     stts.check_vit_depth(_vit_depth(config))
     resolve_stts(stts, family)
     out = prepare_out_dir(out, overwrite, protect=src)
+    return _write_linked(src, out, config, family, stts, scorer_weights, scorer_keys)
 
+
+def link_with_scorer(
+    src: Path, out: Path, stts: Mapping[str, Any], scorer_weights: Path | None
+) -> Path:
+    """An STTS checkpoint in the new directory `out` with `src`'s weights linked, not copied,
+    the `stts` block `stts` and the scorer of `scorer_weights`: what training writes when it
+    changed only the scorer."""
+    src, out = Path(src), Path(out)
+    config, family = _read_source_config(src)
+    scorer_keys: list[str] = []
+    hidden: int | None = None
+    if scorer_weights is not None:
+        scorer_keys, hidden = _load_scorer_file(Path(scorer_weights), _vit_width(config))
+    block = STTSConfig.from_dict({**stts, "scorer_hidden_size": hidden} if hidden else stts)
+    block.check_vit_depth(_vit_depth(config))
+    resolve_stts(block, family)
+    out.mkdir(parents=True)
+    return _write_linked(src, out, config, family, block, scorer_weights, scorer_keys)
+
+
+def _write_linked(
+    src: Path,
+    out: Path,
+    config: dict[str, Any],
+    family: Family,
+    stts: STTSConfig,
+    scorer_weights: Path | None,
+    scorer_keys: list[str],
+) -> Path:
     _link_source_files(src, out)
     if scorer_weights is not None:
         shutil.copyfile(scorer_weights, out / SCORER_FILE)

@@ -23,6 +23,7 @@ from pydantic_settings import (
 from stts_vllm.eval.config import EvalConfig
 from stts_vllm.training.config import TrainConfig
 from stts_vllm.training.knobs import TrainingKnobs
+from stts_vllm.training.sft_config import SFTConfig
 from stts_vllm.training.videoqa import TRAINABLE
 
 
@@ -118,11 +119,27 @@ class ServeDemo(BaseModel):
         os.execv(sys.executable, argv)
 
 
-class Train(TrainingKnobs):
-    """Train STTS on procedural video QA (transformers model, the same STTS core as vLLM).
+# Flags of the procedural trainer only, and of `--data` only: each refused with the other.
+_PROCEDURAL_ONLY = {
+    "batch_size", "frames", "explore", "policy_weight", "answer_loss_on", "tasks", "until",
+    "until_evals", "eval_every", "eval_samples", "family", "text_layers",
+}  # fmt: skip
+_DATA_ONLY = {
+    "video_root", "skip_bad", "max_tokens_per_step", "grad_accum", "gradient_checkpointing",
+    "workers", "fps", "min_frames", "max_frames", "lora_rank", "lora_alpha",
+}  # fmt: skip
 
-    Without `--init` a fresh tiny demo model (learned scorer) is built under OUT/init and
-    trained from scratch. The result, OUT/checkpoint, is an STTS checkpoint vLLM serves as is.
+
+class Train(TrainingKnobs):
+    """Train STTS: on your own videos (`--data`, a real checkpoint as `--init`), or on the
+    procedural video QA the project generates (transformers model, the same STTS core as vLLM).
+
+    With `--data FILE` (LLaVA/Qwen-VL JSON or JSONL, or OpenAI chat records) the conversations
+    are decoded as the server decodes them and trained on in `--mode scorer` (default),
+    `scorer+llm`, `full` or `lora`; `torchrun --nproc-per-node N -m stts_vllm.cli train ...`
+    runs it data-parallel. Without `--data` and `--init`, a fresh tiny demo model is built
+    under OUT/init and trained from scratch on the procedural QA. The result, OUT/checkpoint,
+    is an STTS checkpoint vLLM serves as is.
     """
 
     out: CliPositionalArg[Path]
@@ -135,7 +152,32 @@ class Train(TrainingKnobs):
     text_layers: int | None = Field(
         None, ge=1, description="the fresh demo's LLM depth (default: the serving demo's)"
     )
-    mode: Literal["scratch", "scorer", "scorer+llm"] = TrainConfig.mode
+    mode: Literal["scratch", "scorer", "scorer+llm", "full", "lora"] = Field(
+        TrainConfig.mode,
+        description="what trains: the scorer only (the base frozen), scorer+llm, every weight "
+        "(full; scratch is its name for the procedural demo), or LoRA adapters on the LLM "
+        "(lora, merged into the saved weights); default: scratch, or scorer with --data",
+    )
+    data: list[Path] = Field(
+        [],
+        description="training records: LLaVA/Qwen-VL JSON or JSONL, or OpenAI chat messages "
+        "(repeat for several files); without it, the procedural video QA",
+    )
+    video_root: Path | None = Field(None, description="where --data's relative paths are")
+    skip_bad: bool = Field(False, description="skip and count bad records instead of stopping")
+    max_tokens_per_step: int = Field(
+        SFTConfig.max_tokens_per_step, ge=1, description="LLM tokens per micro-batch (--data)"
+    )
+    grad_accum: int = Field(SFTConfig.grad_accum, ge=1, description="micro-batches per step")
+    gradient_checkpointing: bool = Field(False, description="recompute the LLM's activations")
+    workers: int = Field(SFTConfig.workers, ge=0, description="DataLoader decoding processes")
+    fps: float = Field(
+        SFTConfig.fps, gt=0, description="frames per second sampled (as --fps of stts-serve)"
+    )
+    min_frames: int = Field(SFTConfig.min_frames, ge=1)
+    max_frames: int = Field(SFTConfig.max_frames, ge=1)
+    lora_rank: int = Field(SFTConfig.lora_rank, ge=1)
+    lora_alpha: int = Field(SFTConfig.lora_alpha, ge=1)
     until: dict[Literal[*TRAINABLE], float] = Field(  # type: ignore[valid-type]
         {},
         description="stop at the first evaluation where each named task's keep-1.0 val "
@@ -160,6 +202,29 @@ class Train(TrainingKnobs):
     resume: bool = Field(False, description="continue from OUT/last if it exists")
 
     @model_validator(mode="after")
+    def _flags_fit_the_data(self) -> Train:
+        given = self.model_fields_set
+
+        def flags(names: set[str]) -> str:
+            return ", ".join("--" + name.replace("_", "-") for name in sorted(names))
+
+        if self.data:
+            if given & _PROCEDURAL_ONLY:
+                raise ValueError(
+                    f"{flags(given & _PROCEDURAL_ONLY)}: the procedural video QA's, not --data's"
+                )
+            if "mode" in given and self.mode == "scratch":
+                raise ValueError("--mode scratch is the procedural demo's; with --data: full")
+            if self.init is None:
+                raise ValueError("--data needs --init: the checkpoint to fine-tune")
+        else:
+            if given & _DATA_ONLY:
+                raise ValueError(f"{flags(given & _DATA_ONLY)} need --data")
+            if self.mode in ("full", "lora"):
+                raise ValueError(f"--mode {self.mode} needs --data (the procedural demo: scratch)")
+        return self
+
+    @model_validator(mode="after")
     def _until_evals_needs_until(self) -> Train:
         # Refused before a fresh demo is built under OUT; the config checks it again.
         if self.until_evals > 1 and not self.until:
@@ -167,17 +232,41 @@ class Train(TrainingKnobs):
         return self
 
     def config(self, init: Path) -> TrainConfig:
-        fields = self.model_dump(exclude={"out", "init", "family", "text_layers"})
-        return TrainConfig(init=init, out=self.out, **fields)
+        exclude = {"out", "init", "family", "text_layers", "data", *_DATA_ONLY}
+        return TrainConfig(init=init, out=self.out, **self.model_dump(exclude=exclude))
+
+    def sft_config(self) -> SFTConfig:
+        """`--data`'s run: the flags given, the fine-tuning defaults for the rest (its lr is a
+        real checkpoint's, not a fresh demo's)."""
+        shared = {
+            "steps", "lr", "scorer_lr", "warmup", "aux_weight", "keep_ratios", "device",
+            "dtype", "save_every", "seed", "threads", "resume", "mode",
+        }  # fmt: skip
+        given = self.model_fields_set & (shared | _DATA_ONLY)
+        if "mode" not in given:
+            given = given | {"mode"}
+            mode = {"mode": "scorer"}
+        else:
+            mode = {}
+        fields = {name: getattr(self, name) for name in given} | mode
+        assert self.init is not None
+        return SFTConfig(init=self.init, out=self.out, data=tuple(self.data), **fields)
 
     def cli_cmd(self) -> None:
         import logging
 
-        from stts_vllm.training.train import fresh_demo, train
-
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        init = self.init or fresh_demo(self.out / "init", self.seed, self.family, self.text_layers)
-        path = train(self.config(init))
+        if self.data:
+            from stts_vllm.training.sft_train import train_sft
+
+            path = train_sft(self.sft_config())
+        else:
+            from stts_vllm.training.train import fresh_demo, train
+
+            init = self.init or fresh_demo(
+                self.out / "init", self.seed, self.family, self.text_layers
+            )
+            path = train(self.config(init))
         print(f"trained STTS checkpoint: {path}")
 
 

@@ -132,6 +132,7 @@ class PrunedTower:
     scores: list[torch.Tensor | None] = field(default_factory=list)
     targets: list[torch.Tensor | None] = field(default_factory=list)
     temporal_loss: torch.Tensor | None = None
+    temporal_terms: int = 0  # how many items the temporal loss averages
     log_probs: list[torch.Tensor | None] = field(default_factory=list)
 
 
@@ -170,6 +171,7 @@ def _select(
         biases.append(key_bias(scores, config.bias_floor, config.scorer).reshape(-1).float())
     if losses:
         out.temporal_loss = torch.stack(losses).mean()
+        out.temporal_terms = len(losses)
     return out, torch.cat(biases)
 
 

@@ -12,17 +12,8 @@ import numpy as np
 from stts_vllm.media.decode import DecodeBudget, VideoSource, decode, probe
 from stts_vllm.media.frames import FramePlan, plan_video
 from stts_vllm.media.geometry import VisionGeometry
+from stts_vllm.media.sampling import FrameSampling
 from stts_vllm.video_inputs import timed_video_metadata, video_metadata
-
-
-@dataclass(frozen=True)
-class FrameSampling:
-    """How many frames a video gets: `fps` x its duration within `[min_frames, max_frames]`
-    (the server's `--fps`, `--min-frames`, `--max-frames`, whose defaults these are)."""
-
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 256
 
 
 @dataclass(frozen=True)

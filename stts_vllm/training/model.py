@@ -139,6 +139,12 @@ class Outputs:
     scores: list[torch.Tensor | None]
     targets: list[torch.Tensor | None]
     sample_losses: torch.Tensor  # per sample: mean LM loss over its answer tokens (detached)
+    # The sums behind the two means, with gradients, and what they sum over: a trainer that
+    # splits one batch over micro-batches or processes normalises by the whole batch's counts.
+    lm_sum: torch.Tensor
+    targets_count: int
+    temporal_sum: torch.Tensor
+    temporal_count: int
     log_probs: list[torch.Tensor | None]  # per sample: log-probability of an explored draw
 
 
@@ -203,18 +209,27 @@ class STTSVideoQAModel(nn.Module):
                 module.load_state_dict({k.removeprefix(SCORER_PREFIX): v for k, v in state.items()})
         return cls(hf, processor, stts, module, family)
 
-    def save(self, out: Path, source: Path) -> Path:
-        """Write an STTS checkpoint directory that vLLM's plugin serves as is."""
+    def save(
+        self,
+        out: Path,
+        source: Path,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        scorer_state: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write an STTS checkpoint directory that vLLM's plugin serves as is (`state_dict`,
+        `scorer_state`: the weights to write, e.g. gathered from shards; default: the
+        model's own)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        self.hf.save_pretrained(out)
+        self.hf.save_pretrained(out, state_dict=state_dict)
         for name in _SIDE_FILES:
             if (Path(source) / name).is_file():
                 shutil.copyfile(Path(source) / name, out / name)
         set_architecture(out, self.family.stts_architecture)
         write_stts_block(out, self.stts.to_dict())
         if self.scorer is not None:
-            scorer_state_dict_to_file(self.scorer.state_dict(), out / SCORER_FILE)
+            scorer = scorer_state if scorer_state is not None else self.scorer.state_dict()
+            scorer_state_dict_to_file(scorer, out / SCORER_FILE)
         return out
 
     # -- inputs --
@@ -355,6 +370,12 @@ class STTSVideoQAModel(nn.Module):
         for indices in owned:
             drawn = [vision.log_probs[i] for i in indices if vision.log_probs[i] is not None]
             log_probs.append(torch.stack(drawn).sum() if drawn else None)
+        if self.scorer is not None and self.training:
+            # Samples that all keep 1.0 never call the scorer: a zero term keeps its weights
+            # in the graph, so data-parallel ranks reduce the same gradients whatever their
+            # samples drew (DDP, FSDP).
+            touch = sum(p.sum() for p in self.scorer.parameters() if p.requires_grad)
+            temporal = temporal + 0.0 * touch
         return Outputs(
             loss=lm_loss + aux_weight * temporal,
             lm_loss=lm_loss.detach(),
@@ -368,6 +389,10 @@ class STTSVideoQAModel(nn.Module):
             targets=vision.targets,
             sample_losses=torch.stack([loss.mean() for loss in per_sample]),
             log_probs=log_probs,
+            lm_sum=token_losses.sum(),
+            targets_count=len(targets),
+            temporal_sum=temporal * vision.temporal_terms if vision.temporal_terms else temporal,
+            temporal_count=vision.temporal_terms,
         )
 
     def _segment(

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from stts_vllm.media.geometry import VisionGeometry, read_vision_geometry
-from stts_vllm.media.video import FrameSampling, read_video
+from stts_vllm.media.sampling import FrameSampling
+from stts_vllm.media.video import read_video
 from stts_vllm.training.inputs import InputBuilder
 from stts_vllm.training.model import Prepared
 from stts_vllm.training.sft_data import Record, RecordError

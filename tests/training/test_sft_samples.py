@@ -14,7 +14,7 @@ import torch
 from media import encode_video, image, moving_square_video
 
 from stts_vllm.demo import make_demo
-from stts_vllm.media.video import FrameSampling
+from stts_vllm.media.sampling import FrameSampling
 from stts_vllm.training.model import STTSVideoQAModel
 from stts_vllm.training.sft_data import read_records
 from stts_vllm.training.sft_samples import RecordPreparer, tokenize_record

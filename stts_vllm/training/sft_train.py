@@ -282,7 +282,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 def add_lora(model: STTSVideoQAModel, rank: int, alpha: int) -> None:
     """LoRA adapters (peft) on the LLM's linear layers, in place."""
-    from peft import LoraConfig, inject_adapter_in_model
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError as error:
+        raise ImportError("--mode lora needs peft: pip install 'stts-vllm[train]'") from error
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(LORA_TARGETS))
     inject_adapter_in_model(config, model.hf.model.language_model)
@@ -385,16 +388,7 @@ def train_sft(config: SFTConfig) -> Path:
     start = 0
     position = Position()
     if state is not None:
-        if ranks.world > 1:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_optimizer_state_dict,
-            )
-
-            options = StateDictOptions(full_state_dict=True)
-            set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-        else:
-            optimizer.load_state_dict(state["optimizer"])
+        _load_optimizer_state(model, optimizer, state["optimizer"], ranks)
         start = state["step"]
         position = Position(**state["positions"][ranks.rank])
         torch.set_rng_state(state["rng"])
@@ -534,7 +528,12 @@ def _progress(start: int, total: int, ranks: Ranks):
 
 
 def _tensorboard(out: Path):
-    from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError(
+            "training logs TensorBoard events: pip install 'stts-vllm[train]'"
+        ) from error
 
     return SummaryWriter(log_dir=str(out / "tensorboard"))
 
@@ -659,15 +658,21 @@ def _save_state(
 
 
 def _optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ranks: Ranks):
-    if ranks.world > 1:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_optimizer_state_dict,
-        )
+    """The optimizer's state keyed by parameter names (the same on any number of processes),
+    whole (gathered from shards: every rank calls it) on the CPU."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_optimizer_state_dict(model, optimizer, options=options)
-    return optimizer.state_dict()
+    options = StateDictOptions(full_state_dict=ranks.world > 1, cpu_offload=ranks.world > 1)
+    return get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], ranks: Ranks
+) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=ranks.world > 1)
+    set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
 def _resume_fields(config: SFTConfig) -> dict[str, Any]:

@@ -107,6 +107,23 @@ def plan(args: argparse.Namespace, python: str) -> list[Step]:
             [*tower, "--out", str(args.out / "vision-tower")],
         ),
         Step(
+            "bench-sft-step",
+            "bench/sft_step.py: a `train --data` step at Qwen2.5-VL-7B's size (random weights, "
+            "bf16, gradient checkpointing), 448² frames, 64 and 128 frames, keep 1.0 vs 0.5: "
+            "step time, tokens/s, peak memory, in the largest mode that fits (full first)",
+            [
+                python,
+                "bench/sft_step.py",
+                "--device",
+                "cuda",
+                "--frames",
+                "64",
+                "128",
+                "--out",
+                str(args.out / "sft-step"),
+            ],
+        ),
+        Step(
             "bench-geometry",
             f"bench/engine.py on the bench geometry, {args.size}² frames, "
             f"{'/'.join(map(str, args.frames))} frames: STTS 0.5 vs keep 1.0 speedups, keep "

@@ -10,11 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from stts_vllm.core import retained_count
-from stts_vllm.media.decode import VideoInfo
 from stts_vllm.media.errors import MediaError
 from stts_vllm.media.geometry import VisionGeometry
+
+if TYPE_CHECKING:  # PyAV is only needed to decode
+    from stts_vllm.media.decode import VideoInfo
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,17 @@ training calls `read_video`, so a record trains on the frames the server would s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stts_vllm.media.decode import DecodeBudget, VideoSource, decode, probe
 from stts_vllm.media.frames import FramePlan, plan_video
 from stts_vllm.media.geometry import VisionGeometry
 from stts_vllm.media.sampling import FrameSampling
 from stts_vllm.video_inputs import timed_video_metadata, video_metadata
+
+if TYPE_CHECKING:  # PyAV is only needed to decode
+    from stts_vllm.media.decode import DecodeBudget, VideoSource
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,8 @@ def read_video(
 ) -> VideoFrames:
     """Probe, plan and decode one video, as the server does for a request with these settings
     (test-time scaling off unless asked). Raises `MediaError` for a file it cannot use."""
+    from stts_vllm.media.decode import decode, probe
+
     info = probe(source, budget)
     plan = plan_video(
         info,

@@ -48,6 +48,17 @@ def test_engine_benchmark_smoke(tmp_path: Path, family: str) -> None:
     assert {t["target"] for t in report["targets"]} and (tmp_path / "engine.png").is_file()
 
 
+def test_sft_step_benchmark_smoke(tmp_path: Path) -> None:
+    """`train --data`'s step benchmark on a tiny model: every row, a plot."""
+    report = _run("bench/sft_step.py", tmp_path, "--frames", "8", "--size", "112", "--repeats", "1")
+    rows = report["rows"]
+    assert [(r["frames"], r["keep"]) for r in rows] == [(8, 1.0), (8, 0.5)]
+    assert rows[0]["mode"] == "full"  # auto: the first mode that fits
+    assert rows[1]["llm_tokens"] < rows[0]["llm_tokens"]
+    assert all(r["step_seconds"] > 0 and r["tokens_per_second"] > 0 for r in rows)
+    assert (tmp_path / "sft_step.png").stat().st_size > 0
+
+
 @pytest.mark.timeout(900)
 def test_load_test_smoke(tmp_path: Path) -> None:
     report = _run("loadtests/chat_load.py", tmp_path, "--launch", "--turns", "2")

@@ -45,9 +45,9 @@ LOG_FILE = "train_log.jsonl"
 LORA_FILE = "lora.safetensors"
 # What a resumed run must share with the run that saved the state.
 RESUME_FIXED = (
-    "mode", "steps", "max_tokens_per_step", "grad_accum", "lr", "scorer_lr", "warmup",
-    "aux_weight", "keep_ratios", "seed", "fps", "min_frames", "max_frames", "lora_rank",
-    "lora_alpha", "world_size",
+    "data", "video_root", "skip_bad", "mode", "steps", "max_tokens_per_step", "grad_accum",
+    "lr", "scorer_lr", "warmup", "aux_weight", "keep_ratios", "seed", "fps", "min_frames",
+    "max_frames", "lora_rank", "lora_alpha", "world_size",
 )  # fmt: skip
 
 

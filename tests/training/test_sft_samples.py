@@ -147,3 +147,28 @@ def test_a_record_with_videos_and_an_image_trains(root: Path, family: str) -> No
     pruned.loss.backward()
     assert model.scorer is not None
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.scorer.parameters())
+
+
+def test_an_openai_record_trains_as_its_llava_twin(root: Path) -> None:
+    """A served request logged as training data: the same ids, labels and media as the same
+    conversation in the LLaVA layout."""
+    from transformers import AutoTokenizer
+
+    openai = {
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "video_url", "video_url": {"url": "clip.mp4"}},
+                    {"type": "text", "text": "What moves?"},
+                ],
+            },
+            {"role": "assistant", "content": "A square."},
+            {"role": "user", "content": "Which way?"},
+            {"role": "assistant", "content": "Right."},
+        ]
+    }
+    tokenizer = AutoTokenizer.from_pretrained(root / "qwen3_vl")
+    llava = tokenize_record(tokenizer, _record(root, TWO_TURNS))
+    served = tokenize_record(tokenizer, _record(root, openai, "openai.jsonl"))
+    assert served == llava

@@ -232,3 +232,35 @@ def test_bad_records_stop_the_run_or_are_counted(data: Path, tmp_path: Path) -> 
     summary = json.loads((tmp_path / "lenient" / "train_summary.json").read_text())
     assert summary["data"]["records"] == 4
     assert summary["data"]["skipped_by_kind"] == {"missing_file": 1}
+
+
+def test_bfloat16_and_gradient_checkpointing_train_alike(data: Path, tmp_path: Path) -> None:
+    """Recomputing the LLM's activations changes no number; bfloat16 autocast stays near
+    float32's loss."""
+    runs = {}
+    for name, fields in {
+        "plain": {},
+        "checkpointed": {"gradient_checkpointing": True},
+        "bf16": {"dtype": "bfloat16"},
+    }.items():
+        train_sft(_config(data, tmp_path / name, mode="full", steps=3, **fields))
+        runs[name] = [r["loss"] for r in _log(tmp_path / name)]
+    assert runs["checkpointed"] == pytest.approx(runs["plain"], rel=1e-5)
+    assert runs["bf16"] == pytest.approx(runs["plain"], rel=2e-2)
+
+
+def test_the_command_line_keeps_the_two_trainers_apart(data: Path, tmp_path: Path) -> None:
+    from stts_vllm.cli import main
+
+    base = ["train", str(tmp_path / "x"), "--data", str(data / "data.jsonl")]
+    cases = {
+        "--frames": [*base, "--init", str(data / "qwen2_5_vl"), "--frames", "[8]"],
+        "--mode scratch": [*base, "--init", str(data / "qwen2_5_vl"), "--mode", "scratch"],
+        "needs --init": base,
+        "need --data": ["train", str(tmp_path / "y"), "--workers", "3"],
+        "--mode lora needs --data": ["train", str(tmp_path / "z"), "--mode", "lora"],
+    }
+    for expected, argv in cases.items():
+        with pytest.raises(Exception, match=expected):
+            main(argv)
+    assert not any((tmp_path / name).exists() for name in "xyz")  # refused before any work

@@ -36,6 +36,7 @@ from stts_vllm.media.decode import DecodeBudget, DecodedVideo, VideoInfo, decode
 from stts_vllm.media.errors import MediaError
 from stts_vllm.media.frames import FramePlan, frame_size, plan_video
 from stts_vllm.media.geometry import VisionGeometry
+from stts_vllm.media.sampling import FrameSampling
 from stts_vllm.media.video import frames_metadata, sampled_fps
 
 T = TypeVar("T")
@@ -256,13 +257,14 @@ class MediaLoader:
         keep_ratio: float,
         test_time_scaling: bool,
     ) -> FramePlan:
+        sampling = FrameSampling(
+            fps=fps, min_frames=self.settings.min_frames, max_frames=max_frames
+        )
         return plan_video(
             info,
             self.geometry,
-            fps=fps,
+            sampling,
             num_frames=num_frames,
-            min_frames=self.settings.min_frames,
-            max_frames=max_frames,
             keep_ratio=keep_ratio,
             test_time_scaling=test_time_scaling,
         )

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from stts_vllm.core import retained_count
 from stts_vllm.media.errors import MediaError
 from stts_vllm.media.geometry import VisionGeometry
+from stts_vllm.media.sampling import FrameSampling
 
 if TYPE_CHECKING:  # PyAV is only needed to decode
     from stts_vllm.media.decode import VideoInfo
@@ -102,13 +103,11 @@ def video_tokens(
 def plan_video(
     info: VideoInfo,
     geometry: VisionGeometry,
+    sampling: FrameSampling,
     *,
-    fps: float,
-    num_frames: int | None,
-    min_frames: int,
-    max_frames: int,
-    keep_ratio: float,
-    test_time_scaling: bool,
+    num_frames: int | None = None,
+    keep_ratio: float = 1.0,
+    test_time_scaling: bool = False,
 ) -> FramePlan:
     """The frames of a probed video and their size: what the server decodes for a request
     and what training decodes for a record with the same settings."""
@@ -116,10 +115,10 @@ def plan_video(
         info.duration,
         info.frame_count,
         (0, 0),  # sized below: Qwen3-VL's pixel budget depends on the frame count
-        fps=fps,
+        fps=sampling.fps,
         num_frames=num_frames,
-        min_frames=min_frames,
-        max_frames=max_frames,
+        min_frames=sampling.min_frames,
+        max_frames=sampling.max_frames,
         keep_ratio=keep_ratio,
         test_time_scaling=test_time_scaling,
     )

@@ -62,10 +62,8 @@ def read_video(
     plan = plan_video(
         info,
         geometry,
-        fps=sampling.fps,
+        sampling,
         num_frames=num_frames,
-        min_frames=sampling.min_frames,
-        max_frames=sampling.max_frames,
         keep_ratio=keep_ratio,
         test_time_scaling=test_time_scaling,
     )

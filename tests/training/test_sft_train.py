@@ -151,6 +151,7 @@ def test_two_processes_step_as_one_on_the_combined_batch(
     _torchrun(common, tmp_path / "two")
     _cli([*common, "--grad-accum", "2"], tmp_path / "one")
     (two,), (one,) = _log(tmp_path / "two"), _log(tmp_path / "one")  # rank 0 alone logs
+    assert len(list((tmp_path / "two" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert (two["samples"], two["targets"], two["video_tokens"]) == (
         one["samples"],
         one["targets"],

@@ -126,7 +126,8 @@ _PROCEDURAL_ONLY = {
 }  # fmt: skip
 _DATA_ONLY = {
     "video_root", "skip_bad", "max_tokens_per_step", "grad_accum", "gradient_checkpointing",
-    "workers", "fps", "min_frames", "max_frames", "lora_rank", "lora_alpha",
+    "workers", "fps", "min_frames", "max_frames", "frame_min_pixels", "frame_max_pixels",
+    "lora_rank", "lora_alpha",
 }  # fmt: skip
 
 
@@ -176,6 +177,8 @@ class Train(TrainingKnobs):
     )
     min_frames: int = Field(SFTConfig.min_frames, ge=1)
     max_frames: int = Field(SFTConfig.max_frames, ge=1)
+    frame_min_pixels: int | None = Field(None, ge=1, description="as stts-serve's (--data)")
+    frame_max_pixels: int | None = Field(None, ge=1, description="as stts-serve's (--data)")
     lora_rank: int = Field(SFTConfig.lora_rank, ge=1)
     lora_alpha: int = Field(SFTConfig.lora_alpha, ge=1)
     until: dict[Literal[*TRAINABLE], float] = Field(  # type: ignore[valid-type]

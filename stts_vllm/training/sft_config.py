@@ -35,6 +35,9 @@ class SFTConfig:
     fps: float = FrameSampling.fps
     min_frames: int = FrameSampling.min_frames
     max_frames: int = FrameSampling.max_frames
+    # frame pixel bounds over the processor's, as `stts-serve --frame-min/max-pixels`
+    frame_min_pixels: int | None = None
+    frame_max_pixels: int | None = None
     workers: int = 2
     lora_rank: int = 16
     lora_alpha: int = 32

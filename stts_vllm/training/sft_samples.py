@@ -109,17 +109,23 @@ class RecordPreparer:
     DataLoader worker. Videos are sampled with `sampling` at the server's frame geometry,
     test-time scaling off: the frames the server gives the same file."""
 
-    def __init__(self, checkpoint: Path, sampling: FrameSampling) -> None:
+    def __init__(
+        self,
+        checkpoint: Path,
+        sampling: FrameSampling,
+        pixels: tuple[int | None, int | None] = (None, None),
+    ) -> None:
         self.checkpoint = Path(checkpoint)
         self.sampling = sampling
+        self.pixels = pixels  # (min, max) over the processor's, as `stts-serve --frame-*-pixels`
         self._inputs: InputBuilder | None = None
         self._geometry: VisionGeometry | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # workers load their own processor
-        return {"checkpoint": self.checkpoint, "sampling": self.sampling}
+        return {"checkpoint": self.checkpoint, "sampling": self.sampling, "pixels": self.pixels}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["checkpoint"], state["sampling"])  # type: ignore[misc]
+        self.__init__(**state)  # type: ignore[misc]
 
     @property
     def inputs(self) -> InputBuilder:
@@ -130,7 +136,8 @@ class RecordPreparer:
     @property
     def geometry(self) -> VisionGeometry:
         if self._geometry is None:
-            self._geometry = read_vision_geometry(self.checkpoint)
+            low, high = self.pixels
+            self._geometry = read_vision_geometry(self.checkpoint, min_pixels=low, max_pixels=high)
         return self._geometry
 
     def __call__(self, record: Record) -> Prepared:

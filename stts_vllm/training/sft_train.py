@@ -47,7 +47,8 @@ LORA_FILE = "lora.safetensors"
 RESUME_FIXED = (
     "data", "video_root", "skip_bad", "mode", "steps", "max_tokens_per_step", "grad_accum",
     "lr", "scorer_lr", "warmup", "aux_weight", "keep_ratios", "seed", "fps", "min_frames",
-    "max_frames", "lora_rank", "lora_alpha", "world_size",
+    "max_frames", "frame_min_pixels", "frame_max_pixels", "lora_rank", "lora_alpha",
+    "world_size",
 )  # fmt: skip
 
 
@@ -72,6 +73,8 @@ class Ranks:
         if world == 1:
             return cls()
         ranks = cls(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+        if device.startswith("cuda"):
+            torch.cuda.set_device(ranks.local)  # NCCL's collectives run on the current device
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         return ranks
@@ -397,9 +400,9 @@ def train_sft(config: SFTConfig) -> Path:
     elif ranks.main and (out / LOG_FILE).exists():
         (out / LOG_FILE).unlink()  # a fresh run's log starts empty
 
-    stream = SampleStream(
-        records, RecordPreparer(config.init, config.sampling), config, ranks, position
-    )
+    pixels = (config.frame_min_pixels, config.frame_max_pixels)
+    preparer = RecordPreparer(config.init, config.sampling, pixels)
+    stream = SampleStream(records, preparer, config, ranks, position)
     writer = _tensorboard(out) if ranks.main else None
     log = (out / LOG_FILE).open("a") if ranks.main else None
     params = [p for g in groups for p in g["params"]]
@@ -412,6 +415,7 @@ def train_sft(config: SFTConfig) -> Path:
             group["lr"] = group["base_lr"] * _schedule(step, config)
         optimizer.zero_grad(set_to_none=True)
         record = _step(step_model, model, micro, config, ranks)
+        (skipped,) = ranks.sum([sum(stream.skipped.values())])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         record |= {
@@ -419,7 +423,7 @@ def train_sft(config: SFTConfig) -> Path:
             "lr": optimizer.param_groups[-1]["lr"],
             "data_seconds": t1 - t0,
             "step_seconds": time.perf_counter() - t1,
-            "skipped": sum(stream.skipped.values()),
+            "skipped": int(skipped),  # bad records met while training, on every rank
         }
         if ranks.main:
             assert log is not None
@@ -442,6 +446,10 @@ def train_sft(config: SFTConfig) -> Path:
             raise RuntimeError(f"scorer mode changed base weights: {changed[:5]}")
     final = out / "checkpoint"
     full = _full_state(model)  # every rank: gathering shards is a collective
+    skipped_by_kind: dict[str, int] = {}
+    for rank_skipped in ranks.gather(stream.skipped):
+        for kind, count in rank_skipped.items():
+            skipped_by_kind[kind] = skipped_by_kind.get(kind, 0) + count
     if ranks.main:
         if config.mode == "lora":
             merge_lora(model)
@@ -449,7 +457,7 @@ def train_sft(config: SFTConfig) -> Path:
         summary = {
             "config": json.loads(json.dumps(asdict(config), default=str)),
             "data": report.summary(),
-            "skipped_while_training": stream.skipped,
+            "skipped_while_training": skipped_by_kind,
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
         plot_loss(out / LOG_FILE, out / "loss.png")

@@ -77,21 +77,29 @@ def test_exactly_the_assistant_tokens_carry_loss(root: Path, family: str) -> Non
     ]
 
 
+@pytest.mark.parametrize("max_pixels", [None, 28 * 28 * 4])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_training_frames_are_the_servers_frames(root: Path, family: str) -> None:
-    """The same file and sampling settings: the server's loader plans and decodes the same
-    frame times, size and pixels as a training sample's video."""
+def test_training_frames_are_the_servers_frames(
+    root: Path, family: str, max_pixels: int | None
+) -> None:
+    """The same file and settings (sampling, and `--frame-max-pixels` where set): the server's
+    loader plans and decodes the same frame times, size and pixels as a training sample."""
+    from server.engine import read_model_facts
     from server.file_store import FileStore
     from server.media import MediaLoader
     from server.settings import Settings
-    from stts_vllm.media.geometry import read_vision_geometry
     from stts_vllm.media.video import read_video
 
-    settings = Settings(model=root / family, fps=3.0, max_frames=12, media_root=root)
-    store = FileStore(
-        root / f"files-{family}", max_files=4, max_bytes=1 << 20, max_file_bytes=1 << 20
+    settings = Settings(
+        model=root / family, fps=3.0, max_frames=12, media_root=root, frame_max_pixels=max_pixels
     )
-    geometry = read_vision_geometry(root / family)
+    store = FileStore(
+        root / f"files-{family}-{max_pixels}",
+        max_files=4,
+        max_bytes=1 << 20,
+        max_file_bytes=1 << 20,
+    )
+    geometry = read_model_facts(settings).geometry  # what the server starts with
     loader = MediaLoader(settings, store, geometry)
 
     async def served():
@@ -107,16 +115,18 @@ def test_training_frames_are_the_servers_frames(root: Path, family: str) -> None
 
     server_video = asyncio.run(served())
     sampling = FrameSampling(fps=3.0, min_frames=settings.min_frames, max_frames=12)
-    trained = read_video(root / "clip.mp4", geometry, sampling)
+    preparer = RecordPreparer(root / family, sampling, pixels=(None, max_pixels))
+    trained = read_video(root / "clip.mp4", preparer.geometry, sampling)
     assert trained.plan == server_video.plan and trained.plan.num_frames == 12
     assert np.array_equal(trained.frames, server_video.frames)
     assert trained.fps == server_video.fps
+    if max_pixels is not None:  # the override was in force: smaller frames than the default
+        assert trained.plan.size[0] * trained.plan.size[1] <= max_pixels
 
     # and through a whole record: the sample's pixels are those frames through the processor
-    prepared = RecordPreparer(root / family, sampling)(_record(root, TWO_TURNS))
-    builder = RecordPreparer(root / family, sampling).inputs
+    prepared = preparer(_record(root, TWO_TURNS))
     times = trained.times if geometry.timestamped else None
-    expected = builder.video(server_video.frames, server_video.fps, times)
+    expected = preparer.inputs.video(server_video.frames, server_video.fps, times)
     assert torch.equal(prepared.media[0].pixel_values, expected.pixel_values)
     assert prepared.media[0].step_texts == expected.step_texts
 

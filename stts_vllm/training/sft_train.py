@@ -193,6 +193,7 @@ class SampleStream:
             batch_size=None,
             num_workers=workers,
             prefetch_factor=2 if workers else None,
+            multiprocessing_context=_worker_context() if workers else None,
         )
         self._iterator = iter(loader)
 
@@ -235,6 +236,17 @@ class SampleStream:
     def resume_position(self) -> Position:
         """Where a resumed run starts reading: after the samples used, at the pending one."""
         return Position(self.position.epoch, self.position.used)
+
+
+def _worker_context() -> Any:
+    """Workers forked from a fresh server process, not from this one: a process that has
+    started CUDA, or OpenMP thread pools (vLLM's CPU kernels among them), gives forked children
+    that crash on their first parallel op. The server imports the decoding code once."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["stts_vllm.training.sft_samples"])
+    return context
 
 
 def estimated_tokens(item: Prepared, keep: float) -> int:

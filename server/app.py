@@ -53,6 +53,7 @@ def create_app(settings: Settings, on_engine_death: Callable[[], None] | None = 
         finally:
             watchdog.cancel()
             await engine.stop()
+            store.close()
 
     app = FastAPI(title="stts-vllm", version="0.1.0", lifespan=lifespan)
     app.state.stts = state

@@ -1,4 +1,5 @@
-"""Uploaded files: a bounded, content-addressed, per-owner store on disk.
+"""Uploaded files: a bounded, content-addressed, per-owner store on disk, shared by every
+replica whose `--files-dir` is the same directory (one volume mounted by several pods).
 
 A file's id derives from its SHA-256, so uploading the same video twice costs nothing and
 its decoded frames (and vLLM's encoder cache) are shared by every question about it.
@@ -9,31 +10,41 @@ once however many namespaces hold it. Layout under `root`:
 
     blobs/<file id>.bin            the bytes, shared by every namespace that holds them
     owners/<owner>/<file id>.json  one namespace's record of a file (FileObject + sha256)
-    tmp/                           uploads being spooled and records being written
+    tmp/<replica>/                 one process's uploads being spooled and records being written
+    store.lock                     the lock every change takes, across processes
+
+The disk is the index: `get`, `list` and `locate` read the records, so a file saved or deleted
+by any replica is seen by every other at once; no process keeps an index of its own. Changes
+(placing a blob and its record, deleting them, the start-up sweep) hold an exclusive `flock`
+on `store.lock`, so replicas never interleave them.
 
 Crash safety: blobs and records only ever appear by `os.replace` of a fully written, fsynced
 temp file (then the directory is fsynced), so a record is never truncated. A blob is placed
-before its record and a record removed before its blob, so a crash leaves at worst a blob no
-record names or a temp file; start-up (the constructor) removes both, drops unreadable records
-with a warning, and moves the old flat layout (`root/file-*.json` + `.bin`) into the shared
-namespace. A record whose blob was lost anyway is repaired by uploading the same bytes again.
-
-One server process owns `root`: the index of records lives in memory (built at start-up), so
-`get` and `list` touch no disk, and every change is serialized by one lock.
+before its record and a record removed before its blob, both under the lock, so a crash leaves
+at worst a blob no record names or a temp file. Start-up (the constructor), under the lock,
+removes orphan blobs, drops unreadable records with a warning, moves the old flat layout
+(`root/file-*.json` + `.bin`) into the shared namespace, and removes the temp files of
+processes that are gone: each process holds a lock on its own temp directory while it runs,
+so another replica's upload in flight is never touched. A record whose blob was lost anyway is
+repaired by uploading the same bytes again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import socket
 import tempfile
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -170,36 +181,64 @@ class FileStore:
         self.max_file_bytes = max_file_bytes
         self._blobs = root / "blobs"
         self._owners_dir = root / "owners"
-        self._tmp = root / "tmp"
-        self._lock = asyncio.Lock()
-        self._index: dict[str, dict[str, StoredFile]] = {}
-        for path in (root, self._blobs, self._owners_dir, self._tmp):
+        self._tmp_root = root / "tmp"
+        self._lock = asyncio.Lock()  # this process's changes, before the cross-process lock
+        for path in (root, self._blobs, self._owners_dir, self._tmp_root):
             path.mkdir(parents=True, exist_ok=True)
-        self._recover()
+        replica = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._tmp = self._tmp_root / replica
+        self._tmp.mkdir()
+        # held while this process lives: the mark that its temp files are still in use
+        self._alive = open(self._tmp / ".alive", "w")  # noqa: SIM115
+        fcntl.flock(self._alive, fcntl.LOCK_EX)
+        with self._store_lock():
+            self._recover()
+
+    def close(self) -> None:
+        """Drops this process's temp directory (a crashed one is swept by the next start)."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._alive.close()
+
+    # -- locking --
+
+    @contextlib.contextmanager
+    def _store_lock(self) -> Iterator[None]:
+        """The cross-process lock of every change (blocking: call it in a thread)."""
+        with open(self.root / "store.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     # -- start-up --
 
     def _recover(self) -> None:
-        for part in [*self._tmp.iterdir(), *self.root.glob("*.part")]:
+        for entry in self._tmp_root.iterdir():
+            if entry.is_dir():
+                if entry != self._tmp:
+                    _sweep_if_gone(entry)
+            else:  # a version before per-process temp directories
+                _remove(entry, "temp file left by an interrupted upload or write")
+        for part in self.root.glob("*.part"):
             _remove(part, "temp file left by an interrupted upload or write")
         self._migrate_flat_layout()
+        referenced: set[str] = set()
         for owner_dir in sorted(self._owners_dir.iterdir()):
-            if owner_dir.is_dir() and _OWNER.fullmatch(owner_dir.name):
-                self._load_owner(owner_dir)
-            else:
+            if not (owner_dir.is_dir() and _OWNER.fullmatch(owner_dir.name)):
                 logger.warning("file store: ignoring %s (not a namespace)", owner_dir)
-        referenced = {fid for files in self._index.values() for fid in files}
-        for blob in self._blobs.glob("*.bin"):
-            if blob.stem not in referenced:
-                _remove(blob, "content no record refers to")
-        for files in self._index.values():
-            for stored in files.values():
+                continue
+            for stored in self._read_owner(owner_dir, remove_bad=True):
+                referenced.add(stored.record.id)
                 if not _intact(stored):
                     logger.warning(
                         "file store: the content of %s is missing or damaged; uploading it "
                         "again repairs it",
                         stored.record.id,
                     )
+        for blob in self._blobs.glob("*.bin"):
+            if blob.stem not in referenced:
+                _remove(blob, "content no record refers to")
 
     def _migrate_flat_layout(self) -> None:
         """Files stored before namespaces (`root/file-*.json` + `.bin`) join the shared one.
@@ -222,18 +261,42 @@ class FileStore:
         for old_blob in self.root.glob("file-*.bin"):
             _remove(old_blob, "content no record refers to")
 
-    def _load_owner(self, owner_dir: Path) -> None:
+    # -- records on disk --
+
+    def _read_owner(self, owner_dir: Path, *, remove_bad: bool = False) -> list[StoredFile]:
+        """A namespace's records, oldest first; an unreadable one is skipped (and removed at
+        start-up, under the lock: records only appear whole, so it is damage, not a write in
+        progress)."""
         loaded: list[tuple[float, StoredFile]] = []
         for path in owner_dir.glob("*.json"):
             try:
                 record, sha256 = _parse_record(path)
                 mtime = path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted meanwhile
             except (OSError, ValueError, ValidationError) as exc:
-                _remove(path, f"unreadable record: {exc}")
+                if remove_bad:
+                    _remove(path, f"unreadable record: {exc}")
+                else:
+                    logger.warning("file store: skipping unreadable record %s: %s", path, exc)
                 continue
             loaded.append((mtime, StoredFile(record, sha256, self._blob_path(record.id))))
         loaded.sort(key=lambda item: (item[1].record.created_at, item[0], item[1].record.id))
-        self._index[owner_dir.name] = {stored.record.id: stored for _, stored in loaded}
+        return [stored for _, stored in loaded]
+
+    def _read(self, fid: str, owner: str) -> StoredFile | None:
+        path = self._owner_dir(owner) / f"{fid}.json"
+        try:
+            record, sha256 = _parse_record(path)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, ValidationError) as exc:
+            logger.warning("file store: skipping unreadable record %s: %s", path, exc)
+            return None
+        return StoredFile(record, sha256, self._blob_path(fid))
+
+    def _held_anywhere(self, fid: str) -> bool:
+        return any((d / f"{fid}.json").exists() for d in self._owners_dir.iterdir() if d.is_dir())
 
     # -- paths --
 
@@ -245,11 +308,11 @@ class FileStore:
             raise ValueError(f"invalid file namespace {owner!r}")
         return self._owners_dir / owner
 
-    # -- reads (in memory: no disk I/O) --
+    # -- reads (from disk: what any replica saved is seen at once) --
 
     def _find(self, fid: str, owner: str) -> StoredFile:
         self._owner_dir(owner)
-        stored = self._index.get(owner, {}).get(fid) if _FILE_ID.fullmatch(fid) else None
+        stored = self._read(fid, owner) if _FILE_ID.fullmatch(fid) else None
         if stored is None:
             raise _not_found(fid)
         return stored
@@ -260,13 +323,15 @@ class FileStore:
 
     def list(self, *, owner: str) -> list[FileObject]:
         """`owner`'s files, oldest first."""
-        self._owner_dir(owner)
-        return [stored.record for stored in self._index.get(owner, {}).values()]
+        owner_dir = self._owner_dir(owner)
+        if not owner_dir.is_dir():
+            return []
+        return [stored.record for stored in self._read_owner(owner_dir)]
 
     async def locate(self, fid: str, *, owner: str) -> StoredFile:
         """`owner`'s file with the path of its content, checked to still be there whole (a
         lost or truncated blob would otherwise surface as a confusing decode error)."""
-        stored = self._find(fid, owner)
+        stored = await asyncio.to_thread(self._find, fid, owner)
         if not await asyncio.to_thread(_intact, stored):
             raise MediaError(
                 "file_not_found",
@@ -276,7 +341,12 @@ class FileStore:
         return stored
 
     def _usage(self) -> tuple[int, int]:
-        records = [s.record for files in self._index.values() for s in files.values()]
+        records = [
+            stored.record
+            for owner_dir in self._owners_dir.iterdir()
+            if owner_dir.is_dir()
+            for stored in self._read_owner(owner_dir)
+        ]
         return len(records), sum(r.bytes for r in records)
 
     # -- upload --
@@ -325,7 +395,7 @@ class FileStore:
         spooled = await self._spool(upload)
         filename = Path(upload.filename or "upload").name
         # Shielded: once spooled, the upload is finished (and its part removed) even if the
-        # request is cancelled, so the index in memory never disagrees with the disk.
+        # request is cancelled.
         return await asyncio.shield(self._finish(spooled, purpose, validate, filename, owner))
 
     async def _finish(
@@ -336,42 +406,44 @@ class FileStore:
         filename: str,
         owner: str,
     ) -> FileObject:
-        fid = file_id(spooled.sha256)
         try:
             await asyncio.to_thread(validate, spooled.part)
             async with self._lock:
-                existing = self._index.get(owner, {}).get(fid)
-                if existing is None:
-                    count, used = self._usage()
-                    if count >= self.max_files or used + spooled.size > self.max_bytes:
-                        raise MediaError(
-                            "file_store_full",
-                            f"file store is full ({count} files, {used} bytes; limits "
-                            f"{self.max_files} files, {self.max_bytes} bytes): "
-                            "delete files first",
-                            status=429,
-                        )
-                await asyncio.to_thread(self._place_blob, spooled, fid)
-                if existing is not None:
-                    return existing.record
-                record = FileObject(
-                    id=fid,
-                    bytes=spooled.size,
-                    created_at=int(time.time()),
-                    filename=filename,
-                    purpose=purpose,
-                )
-                try:
-                    await asyncio.to_thread(self._write_record, owner, record, spooled.sha256)
-                except BaseException:
-                    if not any(fid in files for files in self._index.values()):
-                        await asyncio.to_thread(self._blob_path(fid).unlink, missing_ok=True)
-                    raise
-                stored = StoredFile(record, spooled.sha256, self._blob_path(fid))
-                self._index.setdefault(owner, {})[fid] = stored
-                return record
+                return await asyncio.to_thread(self._commit, spooled, purpose, filename, owner)
         finally:
             await asyncio.to_thread(spooled.part.unlink, missing_ok=True)
+
+    def _commit(self, spooled: _Spooled, purpose: str, filename: str, owner: str) -> FileObject:
+        """Blob, then record, under the store lock: every replica sees both or neither."""
+        fid = file_id(spooled.sha256)
+        with self._store_lock():
+            existing = self._read(fid, owner)
+            if existing is None:
+                count, used = self._usage()
+                if count >= self.max_files or used + spooled.size > self.max_bytes:
+                    raise MediaError(
+                        "file_store_full",
+                        f"file store is full ({count} files, {used} bytes; limits "
+                        f"{self.max_files} files, {self.max_bytes} bytes): delete files first",
+                        status=429,
+                    )
+            self._place_blob(spooled, fid)
+            if existing is not None:
+                return existing.record
+            record = FileObject(
+                id=fid,
+                bytes=spooled.size,
+                created_at=int(time.time()),
+                filename=filename,
+                purpose=purpose,
+            )
+            try:
+                self._write_record(owner, record, spooled.sha256)
+            except BaseException:
+                if not self._held_anywhere(fid):
+                    self._blob_path(fid).unlink(missing_ok=True)
+                raise
+            return record
 
     def _place_blob(self, spooled: _Spooled, fid: str) -> None:
         """Keeps content already there when its size is right (the id is its digest, so a
@@ -397,18 +469,42 @@ class FileStore:
 
     async def delete(self, fid: str, *, owner: str) -> None:
         """Removes `owner`'s file; its content goes once no namespace holds it."""
-        self._find(fid, owner)
+        await asyncio.to_thread(self._find, fid, owner)
         await asyncio.shield(self._delete(fid, owner))
 
     async def _delete(self, fid: str, owner: str) -> None:
         async with self._lock:
-            if fid not in self._index.get(owner, {}):
-                raise _not_found(fid)  # deleted meanwhile by a concurrent request
+            await asyncio.to_thread(self._remove_locked, fid, owner)
+
+    def _remove_locked(self, fid: str, owner: str) -> None:
+        with self._store_lock():
             record_path = self._owner_dir(owner) / f"{fid}.json"
-            await asyncio.to_thread(_unlink_durably, record_path)
-            del self._index[owner][fid]
-            if not any(fid in files for files in self._index.values()):
-                await asyncio.to_thread(_unlink_durably, self._blob_path(fid))
+            if not record_path.exists():
+                raise _not_found(fid)  # deleted meanwhile, here or by another replica
+            _unlink_durably(record_path)
+            if not self._held_anywhere(fid):
+                _unlink_durably(self._blob_path(fid))
+
+
+def _sweep_if_gone(tmp_dir: Path) -> None:
+    """Removes another process's temp directory once that process is gone: it held a lock on
+    `.alive` while it lived (a crashed or stopped process's lock is released by the kernel)."""
+    alive = tmp_dir / ".alive"
+    try:
+        handle = open(alive)  # noqa: SIM115
+    except FileNotFoundError:
+        # a process marks its directory just after making it: give it that moment
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - tmp_dir.stat().st_mtime > 60:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a live replica's uploads in flight: not ours to touch
+        logger.warning("file store: removing %s (temp files of a process that is gone)", tmp_dir)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _unlink_durably(path: Path) -> None:

@@ -40,7 +40,9 @@ def _error(call: Any) -> MediaError:
 
 
 def _temp_files(root: Path) -> list[Path]:
-    return [*(root / "tmp").iterdir(), *root.glob("*.part")]
+    """Temp files left anywhere (a live store's own directory and its `.alive` mark aside)."""
+    files = [p for p in (root / "tmp").rglob("*") if p.is_file() and p.name != ".alive"]
+    return [*files, *root.glob("*.part")]
 
 
 def _blob(root: Path, fid: str) -> Path:
@@ -96,8 +98,9 @@ def test_corrupt_records_are_skipped_and_removed_at_start_up(tmp_path: Path) -> 
     _record(tmp_path, SHARED_OWNER, bad).write_text('{"id": "file-')  # crash mid-write (old code)
     wrong = _record(tmp_path, SHARED_OWNER, file_id("f" * 64))  # valid JSON, not a record
     wrong.write_text(json.dumps({"id": "other"}))
-    # the running store is unaffected
-    assert {f.id for f in store.list(owner=SHARED_OWNER)} == {good, bad}
+    # the running store skips what it cannot read; a restart removes it
+    assert [f.id for f in store.list(owner=SHARED_OWNER)] == [good]
+    assert _error(lambda: store.get(bad, owner=SHARED_OWNER)).status == 404
     restarted = _store(tmp_path)
     assert [f.id for f in restarted.list(owner=SHARED_OWNER)] == [good]
     assert not _record(tmp_path, SHARED_OWNER, bad).exists() and not wrong.exists()
@@ -229,7 +232,7 @@ def test_flat_layout_moves_into_the_shared_namespace(tmp_path: Path) -> None:
     stored = asyncio.run(store.locate(fid, owner=SHARED_OWNER))
     assert stored.sha256 == sha and stored.path.read_bytes() == b"old video"
     assert _error(lambda: store.get(fid, owner=A)).status == 404
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs", "owners", "tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blobs", "owners", "store.lock", "tmp"]
     assert [f.id for f in _store(tmp_path).list(owner=SHARED_OWNER)] == [fid]
 
 
@@ -271,3 +274,58 @@ def test_routes_work_in_the_callers_namespace(tmp_path: Path) -> None:
         assert client.delete(f"/v1/files/{fid}", headers=a).json()["deleted"]
         assert client.get(f"/v1/files/{fid}", headers=b).json()["filename"] == "v.mp4"
         assert client.get("/v1/files").status_code == 401
+
+
+def test_replicas_on_one_directory_see_each_others_files(tmp_path: Path) -> None:
+    """Two stores on one directory, as two replicas on one volume: a file saved through
+    either is listed, got and located through the other at once, a delete through one is
+    seen by the other, and the limits count both."""
+    one, two = _store(tmp_path, max_files=3), _store(tmp_path, max_files=3)
+    fid = _save(one, b"clip one", owner=A)
+    assert two.get(fid, owner=A).filename == "v.mp4"
+    assert [f.id for f in two.list(owner=A)] == [fid]
+    assert asyncio.run(two.locate(fid, owner=A)).path.read_bytes() == b"clip one"
+    other = _save(two, b"clip two", owner=B)
+    assert [f.id for f in one.list(owner=B)] == [other]
+    asyncio.run(two.delete(fid, owner=A))
+    assert _error(lambda: one.get(fid, owner=A)).status == 404
+    assert _error(one.delete(fid, owner=A)).status == 404
+    assert not _blob(tmp_path, fid).exists()
+    _save(one, b"three")
+    _save(two, b"four")
+    assert _error(lambda: _save(one, b"five")).status == 429  # 3 files between them
+
+
+def test_concurrent_uploads_through_two_replicas_lose_nothing(tmp_path: Path) -> None:
+    one, two = _store(tmp_path, max_files=64), _store(tmp_path, max_files=64)
+
+    async def upload(store: FileStore, data: bytes) -> str:
+        upload = UploadFile(file=io.BytesIO(data), filename="c.mp4")
+        return (await store.save(upload, "vision", _accept, owner=A)).id
+
+    async def both() -> list[str]:
+        jobs = [upload(one if i % 2 else two, b"clip %d" % (i % 20)) for i in range(40)]
+        return await asyncio.gather(*jobs)
+
+    ids = asyncio.run(both())
+    assert len(set(ids)) == 20  # the same bytes through either replica: one file
+    assert {f.id for f in one.list(owner=A)} == set(ids) == {f.id for f in two.list(owner=A)}
+    assert all(asyncio.run(one.locate(fid, owner=A)).path.exists() for fid in ids)
+    assert _temp_files(tmp_path) == []
+
+
+def test_a_starting_replica_leaves_another_replicas_upload_alone(tmp_path: Path) -> None:
+    """Start-up sweeps the temp files of processes that are gone, never those of a live one:
+    an upload being spooled by one replica survives another replica's start."""
+    live = _store(tmp_path)
+    handle, part = live._open_part()  # an upload in flight
+    handle.write(b"half of a video")
+    crashed = tmp_path / "tmp" / "gone-replica"
+    crashed.mkdir()
+    (crashed / ".alive").write_text("")  # its process died: nobody holds the lock
+    (crashed / "x.part").write_bytes(b"left behind")
+    _store(tmp_path)  # another replica starts
+    assert part.exists() and not crashed.exists()
+    handle.close()
+    live.close()
+    assert not part.parent.exists()

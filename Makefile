@@ -6,7 +6,7 @@ PORT ?= 8000
 export HF_HUB_OFFLINE := 1
 export VLLM_CPU_KVCACHE_SPACE ?= 1
 
-.PHONY: install demo serve test lint clean gpu-check
+.PHONY: install demo serve serve-replicas test lint clean gpu-check
 
 install: .venv/.installed
 
@@ -22,6 +22,14 @@ demo: $(DEMO)/config.json
 # The FastAPI front end (server/) with the engine in-process, on the demo checkpoint.
 serve: install demo
 	.venv/bin/stts-serve --model $(DEMO) --port $(PORT)
+
+# N replicas of the demo behind vLLM's router (vllm-router, pinned, in .venv-router) on PORT;
+# replica i on PORT+i, all on one files directory. POLICY=round_robin|cache_aware|consistent_hash
+N ?= 2
+POLICY ?= consistent_hash
+serve-replicas: install demo
+	bash scripts/install_router.sh
+	N=$(N) PORT=$(PORT) POLICY=$(POLICY) MODEL=$(DEMO) bash scripts/serve_replicas.sh
 
 # ruff, and the layer contracts of .importlinter (docs/development.md).
 lint: install

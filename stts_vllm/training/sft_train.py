@@ -37,7 +37,7 @@ from stts_vllm.training.model import Prepared, STTSVideoQAModel
 from stts_vllm.training.sft_config import SFTConfig
 from stts_vllm.training.sft_data import Record, RecordError, read_records
 from stts_vllm.training.sft_samples import RecordPreparer
-from stts_vllm.training.train import write_dir_atomically
+from stts_vllm.training.train import drop_records_after, lr_scale, write_dir_atomically
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.pt"
@@ -408,7 +408,7 @@ def train_sft(config: SFTConfig) -> Path:
         position = Position(**state["positions"][ranks.rank])
         torch.set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d", last, start)
-        _drop_records_after(out / LOG_FILE, start)
+        drop_records_after(out / LOG_FILE, start)
     elif ranks.main and (out / LOG_FILE).exists():
         (out / LOG_FILE).unlink()  # a fresh run's log starts empty
 
@@ -424,7 +424,7 @@ def train_sft(config: SFTConfig) -> Path:
         micro = [stream.micro_batch() for _ in range(config.grad_accum)]
         t1 = time.perf_counter()
         for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * _schedule(step, config)
+            group["lr"] = group["base_lr"] * lr_scale(step, config.warmup, config.steps)
         optimizer.zero_grad(set_to_none=True)
         record = _step(step_model, model, micro, config, ranks)
         (skipped,) = ranks.sum([sum(stream.skipped.values())])
@@ -522,13 +522,6 @@ def _pruned_videos(batch: list[Prepared], keeps: list[float]) -> int:
         for item, keep in zip(batch, keeps, strict=True)
         for media in item.media
     )
-
-
-def _schedule(step: int, config: SFTConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def _fingerprint(model: STTSVideoQAModel) -> dict[str, bytes]:
@@ -706,19 +699,3 @@ def _check_resumable(saved: dict[str, Any], config: SFTConfig, where: Path) -> N
     if changed:
         diff = ", ".join(f"{k}: saved {a}, now {b}" for k, (a, b) in changed.items())
         raise ValueError(f"cannot resume {where}: {diff}; resume with the saved run's settings")
-
-
-def _drop_records_after(log_path: Path, step: int) -> None:
-    """Steps logged after the last save are trained again: drop them from the log."""
-    if not log_path.is_file():
-        return
-    kept = []
-    for line in log_path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            continue
-    tmp = log_path.with_name(log_path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(log_path)

@@ -84,11 +84,17 @@ def _trainable(model: STTSVideoQAModel, mode: str) -> list[dict]:
     return groups
 
 
-def _schedule(step: int, config: TrainConfig) -> float:
-    if step < config.warmup:
-        return (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+def lr_scale(step: int, warmup: int, steps: int) -> float:
+    """The learning rate's share of its peak at `step`: linear warm-up, then a cosine down to
+    a tenth at `steps` (both trainers)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _schedule(step: int, config: TrainConfig) -> float:
+    return lr_scale(step, config.warmup, config.steps)
 
 
 def _batch(
@@ -262,7 +268,7 @@ def train(config: TrainConfig) -> Path:
                 _schedule(start, config), start + 1,
             )  # fmt: skip
     if config.resume:  # what a killed run logged after its last save (all, if none) goes
-        _drop_records_after(out / LOG_FILE, start)
+        drop_records_after(out / LOG_FILE, start)
     if stopped is not None:  # `until` was met: the stage is done, whatever `steps` says
         start = config.steps
     log = (out / LOG_FILE).open("a")
@@ -405,7 +411,7 @@ def _check_resumable(saved: dict | None, config: TrainConfig, state_path: Path) 
         )
 
 
-def _drop_records_after(log_path: Path, step: int) -> None:
+def drop_records_after(log_path: Path, step: int) -> None:
     """A run killed after its last save logged steps the resume trains again: drop them (and
     a line the kill cut off), so the log holds each step once."""
     if not log_path.is_file():

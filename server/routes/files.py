@@ -5,6 +5,7 @@ another key's files. No route touches the disk on the event loop (see `FileStore
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated
 
@@ -34,12 +35,13 @@ async def upload_file(
 
 @router.get("", response_model=FileList)
 async def list_files(state: StateDep, owner: OwnerDep) -> FileList:
-    return FileList(data=state.files.list(owner=owner))
+    # the store reads its records from disk (shared by every replica): not on the event loop
+    return FileList(data=await asyncio.to_thread(state.files.list, owner=owner))
 
 
 @router.get("/{file_id}", response_model=FileObject)
 async def get_file(file_id: str, state: StateDep, owner: OwnerDep) -> FileObject:
-    return state.files.get(file_id, owner=owner)
+    return await asyncio.to_thread(state.files.get, file_id, owner=owner)
 
 
 @router.delete("/{file_id}", response_model=FileDeleted)

@@ -54,6 +54,13 @@ class Media:
     kind: Literal["video", "image"]
     source: Path | bytes  # a file, or the bytes of a data URL
 
+    def open_image(self) -> Any:
+        """The image as PIL opens it (lazily: the header only until pixels are asked for)."""
+        from PIL import Image
+
+        source = self.source
+        return Image.open(source if isinstance(source, Path) else io.BytesIO(source))
+
 
 @dataclass(frozen=True)
 class Part:
@@ -136,8 +143,6 @@ def _checked(item: Record | RecordError) -> Record | RecordError:
     """The record, or the error of its first media file that cannot be decoded."""
     if isinstance(item, RecordError):
         return item
-    from PIL import Image
-
     from stts_vllm.media.decode import probe
     from stts_vllm.media.errors import MediaError
 
@@ -147,8 +152,7 @@ def _checked(item: Record | RecordError) -> Record | RecordError:
             if media.kind == "video":
                 probe(media.source)
             else:
-                data = media.source
-                with Image.open(data if isinstance(data, Path) else io.BytesIO(data)) as image:
+                with media.open_image() as image:
                     image.verify()
         except MediaError as error:
             return RecordError(item.where, "undecodable_video", f"{name}: {error.message}")

@@ -11,6 +11,7 @@ that turn's answer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,8 +119,6 @@ class RecordPreparer:
         self.checkpoint = Path(checkpoint)
         self.sampling = sampling
         self.pixels = pixels  # (min, max) over the processor's, as `stts-serve --frame-*-pixels`
-        self._inputs: InputBuilder | None = None
-        self._geometry: VisionGeometry | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # workers load their own processor
         return {"checkpoint": self.checkpoint, "sampling": self.sampling, "pixels": self.pixels}
@@ -127,22 +126,16 @@ class RecordPreparer:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
-    @property
+    @functools.cached_property
     def inputs(self) -> InputBuilder:
-        if self._inputs is None:
-            self._inputs = InputBuilder.from_checkpoint(self.checkpoint)
-        return self._inputs
+        return InputBuilder.from_checkpoint(self.checkpoint)
 
-    @property
+    @functools.cached_property
     def geometry(self) -> VisionGeometry:
-        if self._geometry is None:
-            low, high = self.pixels
-            self._geometry = read_vision_geometry(self.checkpoint, min_pixels=low, max_pixels=high)
-        return self._geometry
+        low, high = self.pixels
+        return read_vision_geometry(self.checkpoint, min_pixels=low, max_pixels=high)
 
     def __call__(self, record: Record) -> Prepared:
-        from PIL import Image
-
         tokenized = tokenize_record(self.inputs.tokenizer, record)
         media = []
         for index in tokenized.media_order:
@@ -152,9 +145,7 @@ class RecordPreparer:
                 times = video.times if self.geometry.timestamped else None
                 media.append(self.inputs.video(video.frames, video.fps, times))
             else:
-                source = item.source
-                opened = Image.open(source if isinstance(source, Path) else _bytes_io(source))
-                media.append(self.inputs.image(opened.convert("RGB")))
+                media.append(self.inputs.image(item.open_image().convert("RGB")))
         return Prepared(
             ids=tokenized.ids,
             labels=tokenized.labels,
@@ -162,9 +153,3 @@ class RecordPreparer:
             media_at=tokenized.media_at,
             sample=record,
         )
-
-
-def _bytes_io(data: bytes) -> Any:
-    import io
-
-    return io.BytesIO(data)

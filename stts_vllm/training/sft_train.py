@@ -426,8 +426,7 @@ def train_sft(config: SFTConfig) -> Path:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_scale(step, config.warmup, config.steps)
         optimizer.zero_grad(set_to_none=True)
-        record = _step(step_model, model, micro, config, ranks)
-        (skipped,) = ranks.sum([sum(stream.skipped.values())])
+        record = _step(step_model, micro, config, ranks, sum(stream.skipped.values()))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         record |= {
@@ -435,7 +434,6 @@ def train_sft(config: SFTConfig) -> Path:
             "lr": optimizer.param_groups[-1]["lr"],
             "data_seconds": t1 - t0,
             "step_seconds": time.perf_counter() - t1,
-            "skipped": int(skipped),  # bad records met while training, on every rank
         }
         if ranks.main:
             assert log is not None
@@ -477,21 +475,22 @@ def train_sft(config: SFTConfig) -> Path:
     return final
 
 
-def _step(step_model: nn.Module, model: STTSVideoQAModel, micro, config: SFTConfig, ranks: Ranks):
+def _step(
+    step_model: nn.Module, micro, config: SFTConfig, ranks: Ranks, skipped: int
+) -> dict[str, Any]:
     """One optimizer step's gradients over `micro` (this rank's micro-batches), the loss
-    normalised by the whole step's counts on every rank."""
-    counts = [0.0, 0.0]
-    for batch, keeps in micro:
-        counts[0] += sum(sum(item.labels) for item in batch)
-        counts[1] += _pruned_videos(batch, keeps)
-    total_targets, total_temporal = ranks.sum(counts)
+    normalised by the whole step's counts on every rank (summed with the bad records this
+    rank has `skipped`, in one collective)."""
+    pruned = [_pruned_videos(batch, keeps) for batch, keeps in micro]
+    targets = sum(sum(item.labels) for batch, _ in micro for item in batch)
+    total_targets, total_temporal, total_skipped = ranks.sum([targets, sum(pruned), skipped])
     sums = [0.0, 0.0, 0.0, 0.0]  # lm sum, temporal sum, video tokens, samples
     for i, (batch, keeps) in enumerate(micro):
         last = i == len(micro) - 1
         sync = nullcontext() if last or not hasattr(step_model, "no_sync") else step_model.no_sync()
         with sync:
             output = step_model(batch, keeps, aux_weight=config.aux_weight)
-            assert output.temporal_count == _pruned_videos(batch, keeps)
+            assert output.temporal_count == pruned[i]
             loss = output.lm_sum / max(total_targets, 1.0)
             # the temporal sum is 0 (with the scorer in its graph) when nothing was pruned
             loss = loss + config.aux_weight * output.temporal_sum / max(total_temporal, 1.0)
@@ -512,6 +511,7 @@ def _step(step_model: nn.Module, model: STTSVideoQAModel, micro, config: SFTConf
         "targets": int(total_targets),
         "video_tokens": int(video_tokens),
         "samples": int(samples),
+        "skipped": int(total_skipped),  # bad records met while training, on every rank
     }
 
 

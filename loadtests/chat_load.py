@@ -136,7 +136,12 @@ QUESTIONS = ["What happens in the video?", "What color is the square?", "Where d
 
 
 async def one_request(
-    client: httpx.AsyncClient, model: str, messages: list[dict], keep: float, max_tokens: int
+    client: httpx.AsyncClient,
+    model: str,
+    messages: list[dict],
+    keep: float,
+    max_tokens: int,
+    headers: dict[str, str] | None = None,
 ) -> tuple[Sample, str]:
     """One streaming chat completion; returns the measurement and the answer's text."""
     body = {
@@ -154,7 +159,9 @@ async def one_request(
     tokens = video_tokens = 0
     answer: list[str] = []
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async with client.stream(
+            "POST", "/v1/chat/completions", json=body, headers=headers
+        ) as response:
             if response.status_code != 200:
                 text = (await response.aread()).decode(errors="replace")[:200]
                 elapsed = time.perf_counter() - start
@@ -183,10 +190,17 @@ async def one_request(
 
 
 async def conversation(
-    client: httpx.AsyncClient, model: str, file_id: str, keep: float, turns: int, max_tokens: int
+    client: httpx.AsyncClient,
+    model: str,
+    file_id: str,
+    keep: float,
+    turns: int,
+    max_tokens: int,
+    headers: dict[str, str] | None = None,
 ) -> list[Sample]:
     """`turns` questions about one video, each sent with the history so far, as a chat client
-    would: later turns share the video's prefix with the first (prefix and encoder caches)."""
+    would: later turns share the video's prefix with the first (prefix and encoder caches).
+    `headers` go with every turn (a router's session key)."""
     messages: list[dict] = []
     samples = []
     for turn in range(turns):
@@ -199,7 +213,7 @@ async def conversation(
         else:
             content = question
         messages.append({"role": "user", "content": content})
-        sample, answer = await one_request(client, model, messages, keep, max_tokens)
+        sample, answer = await one_request(client, model, messages, keep, max_tokens, headers)
         sample.turn = turn
         samples.append(sample)
         if not sample.ok:
@@ -287,7 +301,16 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def launch(checkpoint: Path, port: int, log: Path, engine_args: dict) -> subprocess.Popen:
+def launch(
+    checkpoint: Path,
+    port: int,
+    log: Path,
+    engine_args: dict,
+    files_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen:
+    """`stts-serve` on 127.0.0.1:`port`, ready; uploads in `files_dir` (default: its own),
+    `env` added to this environment."""
     argv = [
         sys.executable,
         "-m",
@@ -303,9 +326,10 @@ def launch(checkpoint: Path, port: int, log: Path, engine_args: dict) -> subproc
     ]
     if engine_args:
         argv += ["--engine-args", json.dumps(engine_args)]
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env["STTS_FILES_DIR"] = str(log.parent / f"files-{port}")
-    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    environ = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    environ["STTS_FILES_DIR"] = str(files_dir or log.parent / f"files-{port}")
+    environ |= env or {}
+    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ)
     wait_until_ready(process, port, log)
     return process
 

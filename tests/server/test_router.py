@@ -6,7 +6,9 @@ costs a bounded number of requests and no upload."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from pathlib import Path
 import httpx
 import pytest
 from media import encode_video, moving_square_video
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.processes import free_port, server_env, server_process
 from tests.server.helpers import API_KEY, Server, metric_values
@@ -73,17 +76,20 @@ class Deployment:
     url: str  # the gateway: the one address clients use
     replicas: list[Replica]
     stack: ExitStack
+    router_metrics: str
 
     def client(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120)
 
 
-def _router(workers: list[str], port: int, log: Path) -> list[str]:
+def _router(workers: list[str], port: int, metrics_port: int) -> list[str]:
     argv = [str(ROUTER), "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *workers]
     argv += ["--policy", "consistent_hash", "--health-check-endpoint", "/ready"]
+    # the deployments' checks (5 s, 2 failures, circuit breaker 15 s), faster
     argv += ["--health-check-interval-secs", "1", "--health-failure-threshold", "1"]
-    argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())]
+    argv += ["--cb-timeout-duration-secs", "5"]
+    argv += ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port)]
     return argv
 
 
@@ -124,10 +130,10 @@ def deployment(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
     with ExitStack() as stack:
         for replica in replicas:
             replica.start(stack)
-        router_port = free_port()
+        router_port, metrics_port = free_port(), free_port()
         stack.enter_context(
             server_process(
-                _router([r.url for r in replicas], router_port, tmp / "router.log"),
+                _router([r.url for r in replicas], router_port, metrics_port),
                 f"http://127.0.0.1:{router_port}",
                 "/readiness",
                 tmp / "router.log",
@@ -145,7 +151,8 @@ def deployment(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 server_env(),
             )
         )
-        yield Deployment(f"http://127.0.0.1:{port}", replicas, stack)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        yield Deployment(f"http://127.0.0.1:{port}", replicas, stack, metrics)
 
 
 def _clip(seed: int) -> bytes:
@@ -244,9 +251,8 @@ def test_a_replica_killed_under_load_costs_few_requests_and_no_upload(
     deployment: Deployment,
 ) -> None:
     """Four clients stream conversations through the gateway; one replica is SIGKILLed and
-    started again on its port. What may fail is bounded by what was running on it (at most
-    one stream per client), nothing hangs, the router sends to it again once it is ready,
-    no request fails after that, and every upload is still there."""
+    started again on its port. Few requests fail, nothing hangs, the router sends to it again
+    once it is ready, no request fails after that, and every upload is still there."""
     victim = deployment.replicas[-1]
     with deployment.client() as client:
         files = [
@@ -316,7 +322,10 @@ def test_a_replica_killed_under_load_costs_few_requests_and_no_upload(
         f"{ready:.1f} s and routed again {routed_again:.1f} s after the kill; "
         f"failures: {sorted({r[2][:120] for r in failed})}"
     )
-    assert len(failed) <= 4, failed  # at most the streams running on the victim
+    # What may fail: the stream each client had running on the victim (cut), and requests
+    # the router sent there before its health check noticed (answered 500 once its retries
+    # to the same key's replica ran out): at most two per client.
+    assert len(failed) <= 8, failed
     assert not [r for r in results if r[0] and (r[1] != 200 or r[2])]
     assert len([r for r in results if r[0]]) >= 4
     with deployment.client() as client:
@@ -324,3 +333,15 @@ def test_a_replica_killed_under_load_costs_few_requests_and_no_upload(
         assert set(files) <= listed
         for fid in files:
             assert client.delete(f"/v1/files/{fid}").status_code == 200
+
+
+def test_the_dashboard_watches_router_metrics_that_exist(deployment: Deployment) -> None:
+    """After the traffic and the fault above, every `vllm_router_*` name the Grafana
+    dashboard plots is one the pinned router exports."""
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/stts-vllm.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    wanted = {m for e in exprs for m in re.findall(r"\bvllm_router_[a-z_]+", e)}
+    assert wanted, "no router panels"
+    text = httpx.get(deployment.router_metrics, timeout=10).text
+    exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    assert wanted <= exported, sorted(wanted - exported)

@@ -88,3 +88,20 @@ def test_soak_smoke(tmp_path: Path) -> None:
     assert scenarios >= {"video", "stream", "oversized_upload", "bad_key", "upload_delete"}
     assert report["valid_answered"] > 0 and report["peak_rss_gib"] > 0
     assert (tmp_path / "soak.png").is_file()
+
+
+@pytest.mark.timeout(900)
+def test_router_load_smoke(tmp_path: Path) -> None:
+    """Two replicas behind the real vllm-router: a single-server row and a policy row, each
+    with first/later-turn TTFT and where later turns landed; a target; a plot."""
+    report = _run("loadtests/router_load.py", tmp_path)
+    rows = {row["config"]: row for row in report["rows"]}
+    assert set(rows) == {"single", "consistent_hash"}
+    for row in rows.values():
+        assert row["errors"] == 0 and row["later_turns"] == 2, row
+        assert row["ttft_first_turn_p50"] > 0 and row["ttft_later_turns_p50"] > 0, row
+        assert 0 <= row["share_on_holding_replica"] <= 1, row
+        assert sum(row["chat_requests_per_replica"]) == row["requests"], row
+    assert rows["single"]["chat_requests_per_replica"][1] == 0  # one replica, no router
+    (target,) = report["targets"]
+    assert target["measured"] > 0 and (tmp_path / "router_load.png").stat().st_size > 0

@@ -5,14 +5,17 @@
 With `--launch` it starts `stts-serve` itself, once per configuration, on 127.0.0.1:
 `unpruned` (keep 1.0 per request), `stts` (keep 0.5), `evs` (the stock architecture over the
 same weights with vLLM's `video_pruning_rate` 0.5), each on the same checkpoint (default: the
-demo). Without it, `--url` names one running server (loopback only) and `--keep` the ratio.
+demo); `--configs` picks them, and `stts-sequential` (keep 0.5, one pruned-tower call per
+video, as vLLM's runner encodes videos for pruning models) is there to compare with. Without
+it, `--url` names one running server (loopback only) and `--keep` the ratio.
 Every conversation gets a clip of its own (lengths cycle through `--video-seconds`; the same
 clips for every configuration), uploaded through `/v1/files` before the clock starts, so no
 request is served from another's cache; `--turns N` asks N questions about each clip in one
 conversation (history resent, as a chat client does) to show prefix / encoder cache reuse,
 reported as TTFT of first vs later turns.
-Reports throughput (req/s, output tok/s), TTFT and latency p50/p95/p99, errors, and the share
-of request time spent decoding video (from the server's own metrics). Bounded in requests and
+Reports throughput (req/s, output tok/s), TTFT and latency p50/p95/p99, errors, the share
+of request time spent decoding video, and the pruned tower's calls and seconds per video (from
+the server's own metrics). Bounded in requests and
 seconds. Writes `load.json` and `load.png`; `--smoke` is a seconds-long check.
 """
 
@@ -61,6 +64,7 @@ class LevelResult:
     samples: list[Sample] = field(default_factory=list)
     decode_seconds: float = 0.0
     request_seconds: float = 0.0
+    encoder: dict[str, float] = field(default_factory=dict)  # deltas of stts_encoder_*
 
     def summary(self) -> dict[str, Any]:
         good = [s for s in self.samples if s.ok]
@@ -88,7 +92,16 @@ class LevelResult:
             "decode_share_of_request_time": (
                 self.decode_seconds / self.request_seconds if self.request_seconds else None
             ),
+            # the pruned tower (STTS servers): calls per video (1 when videos are encoded one
+            # at a time) and its time per video
+            "encoder_calls_per_video": _per(self.encoder, "stts_encoder_calls_total"),
+            "encoder_seconds_per_video": _per(self.encoder, "stts_encoder_seconds_total"),
         }
+
+
+def _per(encoder: dict[str, float], name: str) -> float | None:
+    videos = encoder.get("stts_encoder_videos_total", 0.0)
+    return encoder.get(name, 0.0) / videos if videos else None
 
 
 def percentiles(values: list[float]) -> dict[str, float | None]:
@@ -226,7 +239,13 @@ async def metric_sums(client: httpx.AsyncClient) -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     text = (await client.get("/metrics")).text
-    wanted = {"stts_video_decode_seconds_sum", "stts_request_duration_seconds_sum"}
+    wanted = {
+        "stts_video_decode_seconds_sum",
+        "stts_request_duration_seconds_sum",
+        "stts_encoder_calls_total",
+        "stts_encoder_videos_total",
+        "stts_encoder_seconds_total",
+    }
     sums: dict[str, float] = dict.fromkeys(wanted, 0.0)
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -286,6 +305,9 @@ async def run_level(
         result.request_seconds = (
             after["stts_request_duration_seconds_sum"] - before["stts_request_duration_seconds_sum"]
         )
+        result.encoder = {
+            name: after[name] - before[name] for name in after if name.startswith("stts_encoder")
+        }
         for file_id in files:
             (await client.delete(f"/v1/files/{file_id}")).raise_for_status()
     return result
@@ -329,7 +351,10 @@ def launch(
     environ = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     environ["STTS_FILES_DIR"] = str(files_dir or log.parent / f"files-{port}")
     environ |= env or {}
-    process = subprocess.Popen(argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ)
+    # A process group of its own: killing the group takes vLLM's engine processes with it.
+    process = subprocess.Popen(
+        argv, stdout=log.open("w"), stderr=subprocess.STDOUT, env=environ, start_new_session=True
+    )
     wait_until_ready(process, port, log)
     return process
 
@@ -391,7 +416,13 @@ def plot(summaries: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {"unpruned": "#555555", "stts": "#2e7d32", "evs": "#e6a03c", "server": "#1f77b4"}
+    colors = {
+        "unpruned": "#555555",
+        "stts": "#2e7d32",
+        "stts-sequential": "#81c784",
+        "evs": "#e6a03c",
+        "server": "#1f77b4",
+    }
     for config in sorted({s["config"] for s in summaries}):
         rows = sorted(
             (s for s in summaries if s["config"] == config), key=lambda s: s["concurrency"]
@@ -474,6 +505,13 @@ def main() -> None:
         default={},
         help="JSON of vLLM engine arguments for every launched server (stts-serve --engine-args)",
     )
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        choices=["unpruned", "stts", "stts-sequential", "evs"],
+        default=["unpruned", "stts", "evs"],
+        help="servers --launch starts, in order",
+    )
     parser.add_argument("--smoke", action="store_true", help="seconds-long: c=1,2, 2 requests")
     args = parser.parse_args()
     if args.smoke:
@@ -492,15 +530,20 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp(prefix="stts-load-"))
         checkpoint = args.checkpoint or make_demo(tmp / "demo")
         stock = derive(checkpoint, tmp / "stock", stock=True)
-        configs = [
-            ("unpruned", checkpoint, 1.0, {}),
-            ("stts", checkpoint, 0.5, {}),
-            ("evs", stock, 1.0, {"video_pruning_rate": 0.5}),
-        ]
-        for name, path, keep, engine_args in configs:
+        # name: checkpoint, keep ratio, engine arguments, environment
+        available = {
+            "unpruned": (checkpoint, 1.0, {}, {}),
+            "stts": (checkpoint, 0.5, {}, {}),
+            # a patch budget of one patch: one pruned-tower call per video, as vLLM's
+            # runner encodes videos for pruning models
+            "stts-sequential": (checkpoint, 0.5, {}, {"STTS_ENCODER_PATCH_BUDGET": "1"}),
+            "evs": (stock, 1.0, {"video_pruning_rate": 0.5}, {}),
+        }
+        for name in args.configs:
+            path, keep, engine_args, env = available[name]
             port = free_port()
             log = args.out / f"server-{name}.log"
-            process = launch(path, port, log, args.engine_args | engine_args)
+            process = launch(path, port, log, args.engine_args | engine_args, env=env)
             try:
                 asyncio.run(sweep(f"http://127.0.0.1:{port}", name, keep, args, summaries))
             finally:

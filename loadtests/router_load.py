@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ class Replica:
     files_dir: Path
     env: dict[str, str]
     process: subprocess.Popen | None = None
+    orphans: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -76,13 +78,23 @@ class Replica:
         self.process = launch(self.checkpoint, self.port, self.log, {}, self.files_dir, self.env)
 
     def kill(self) -> None:
+        """SIGKILL to the server process: it crashes. Its engine processes are left orphaned
+        (a container runtime would take them down with it); `reap` ends them."""
         assert self.process is not None
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+        self.orphans.append(self.process.pid)  # its process group (`launch`)
+
+    def reap(self) -> None:
+        for group in self.orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        self.orphans.clear()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             stop(self.process)
+        self.reap()
 
 
 def router_binary() -> str:

@@ -107,6 +107,22 @@ def plan(args: argparse.Namespace, python: str) -> list[Step]:
             [*tower, "--out", str(args.out / "vision-tower")],
         ),
         Step(
+            "bench-video-batches",
+            "bench/video_batches.py: 8 videos of 16 frames at 448² and 224², keep 0.5, through "
+            "the pruned tower at Qwen2.5-VL-7B's size in bfloat16, one call each (vLLM's path "
+            "for pruning models) vs one packed call (the plugin's): medians and the ratio",
+            [
+                python,
+                "bench/video_batches.py",
+                "--device",
+                "cuda",
+                "--dtype",
+                "bfloat16",
+                "--out",
+                str(args.out / "video-batches"),
+            ],
+        ),
+        Step(
             "bench-sft-step",
             "bench/sft_step.py: a `train --data` step at Qwen2.5-VL-7B's size (random weights, "
             "bf16, gradient checkpointing), 448² frames, 64 and 128 frames, keep 1.0 vs 0.5: "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,10 +111,32 @@ class EngineService:
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from stts_vllm.encoder_budget import PATCH_BUDGET_ENV, TIMING_ENV
+
+        # Read by the model in vLLM's engine process, which inherits this environment.
+        if self.settings.encoder_patch_budget is not None:
+            os.environ[PATCH_BUDGET_ENV] = str(self.settings.encoder_patch_budget)
+        if self.settings.encoder_timing:
+            os.environ[TIMING_ENV] = "1"
         args = self.engine_args()
         self.engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         self.ready.set()
         logger.info("engine ready: %s (STTS: %s)", self.settings.model, self.facts.is_stts)
+
+    async def encoder_calls(self, timeout: float = 2.0) -> dict[str, float] | None:
+        """The pruned tower's counters from the engine's worker (the first rank: tensor
+        parallel ranks encode the same videos); None when the engine is not serving or does
+        not answer within `timeout` (it answers between steps)."""
+        if self.engine is None or not self.ready.is_set() or self.dead:
+            return None
+        try:
+            results = await asyncio.wait_for(
+                self.engine.collective_rpc("stts_encoder_calls"), timeout
+            )
+        except Exception:  # a scrape must never fail because of the engine
+            logger.debug("encoder counters unavailable", exc_info=True)
+            return None
+        return results[0] if results else None
 
     @property
     def dead(self) -> bool:

@@ -3,7 +3,10 @@ same default registry on `/metrics`."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128)
 _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
@@ -55,3 +58,41 @@ for _route in ("/v1/chat/completions", "/v1/files"):
     REQUEST_SECONDS.labels(route=_route)
 for _outcome in ("hit", "miss"):
     DECODES.labels(cache=_outcome)
+
+
+class EncoderCollector:
+    """The pruned vision tower's counters, kept by the model in vLLM's worker process
+    (`stts_model.EncoderCalls`) and fetched when `/metrics` is scraped (`EngineService.
+    encoder_calls`): encoder calls per video and time per video under load. Zeros until the
+    engine answers, and for stock checkpoints."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        v = self.values
+        counters = (
+            (
+                "stts_encoder_calls",
+                "Calls of the pruned vision tower (videos encoded together count once)",
+                "calls",
+            ),
+            ("stts_encoder_videos", "Videos encoded by the pruned vision tower", "videos"),
+            ("stts_encoder_patches", "Unpruned patches the pruned vision tower took", "patches"),
+            (
+                "stts_encoder_seconds",
+                "Time in the pruned vision tower (on GPUs only with STTS_ENCODER_TIMING=1)",
+                "seconds",
+            ),
+        )
+        for name, documentation, key in counters:
+            yield CounterMetricFamily(name, documentation, value=float(v.get(key, 0.0)))
+        yield GaugeMetricFamily(
+            "stts_encoder_largest_call_patches",
+            "Most unpruned patches one pruned-tower call took (bounded by the patch budget)",
+            value=float(v.get("largest_patches", 0.0)),
+        )
+
+
+ENCODER = EncoderCollector()
+REGISTRY.register(ENCODER)

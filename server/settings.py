@@ -35,6 +35,18 @@ class Settings(BaseSettings):
         description="any other vLLM engine argument, as JSON, e.g. "
         '\'{"data_parallel_size": 2, "kv_cache_dtype": "fp8"}\' (names as in vllm.EngineArgs)',
     )
+    encoder_patch_budget: int | None = Field(
+        None,
+        ge=1,
+        description="most unpruned video patches one call of the pruned vision tower takes "
+        "(videos of a step beyond it go in further calls); default: the encoder call the "
+        "engine profiled at start-up, which it reserved memory for",
+    )
+    encoder_timing: bool = Field(
+        False,
+        description="time every pruned-tower call on a GPU for stts_encoder_seconds_total "
+        "(a device sync per call; always timed on the CPU)",
+    )
 
     # -- HTTP --
     host: str = "127.0.0.1"

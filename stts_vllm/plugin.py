@@ -28,6 +28,8 @@ def register() -> None:
             ModelRegistry.register_model(family.stts_architecture, family.model_path)
         MODELS_CONFIG_MAP.setdefault(family.stts_architecture, STTSModelConfigHook)
     patch_cpu_runner_pruning_flag()
+    patch_runner_video_batches()
+    add_worker_encoder_calls()
 
 
 class STTSModelConfigHook:
@@ -102,3 +104,53 @@ def patch_cpu_runner_pruning_flag() -> None:
     load_model._stts_sets_pruning_flag = True  # type: ignore[attr-defined]
     load_model.__wrapped__ = original  # type: ignore[attr-defined]
     CPUModelRunner.load_model = load_model  # type: ignore[method-assign]
+
+
+def patch_runner_video_batches() -> None:
+    """vLLM 0.32.0's `GPUModelRunner._execute_mm_encoder` (the CPU runner inherits it) encodes
+    the videos of a step one call each whenever multimodal pruning is on: a stop-gap, because
+    the scheduler's encoder budget counts pruned tokens, which understates the tower's memory.
+    STTS models bound their own calls by unpruned patches (`encoder_budget`), so for them the
+    step's videos are handed over in one `embed_multimodal` call, as for any unpruned model:
+    the pruning flag reads False for the length of that call and nothing else changes. Models
+    without `stts_batches_videos` keep the stock path. vLLM's V2 runner
+    (`v1/worker/gpu/mm/encoder_runner.py`) already hands videos over together. Idempotent."""
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner._execute_mm_encoder
+    if getattr(original, "_stts_batches_videos", False):
+        return
+
+    def _execute_mm_encoder(self: Any, scheduler_output: Any) -> Any:
+        if not (
+            self.is_multimodal_pruning_enabled
+            and getattr(self.get_model(), "stts_batches_videos", False)
+        ):
+            return original(self, scheduler_output)
+        self.is_multimodal_pruning_enabled = False
+        try:
+            return original(self, scheduler_output)
+        finally:
+            self.is_multimodal_pruning_enabled = True
+
+    _execute_mm_encoder._stts_batches_videos = True  # type: ignore[attr-defined]
+    _execute_mm_encoder.__wrapped__ = original  # type: ignore[attr-defined]
+    GPUModelRunner._execute_mm_encoder = _execute_mm_encoder  # type: ignore[method-assign]
+
+
+def add_worker_encoder_calls() -> None:
+    """A worker method the server calls through `collective_rpc("stts_encoder_calls")` to
+    export the pruned tower's counters (`stts_model.EncoderCalls`): the model lives in the
+    engine's worker process, the metrics in the server's. Empty for models without them."""
+    import dataclasses
+
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    if hasattr(WorkerBase, "stts_encoder_calls"):
+        return
+
+    def stts_encoder_calls(self: Any) -> dict[str, float]:
+        calls = getattr(self.model_runner.get_model(), "stts_encoder_calls", None)
+        return dataclasses.asdict(calls) if calls is not None else {}
+
+    WorkerBase.stts_encoder_calls = stts_encoder_calls  # type: ignore[attr-defined]

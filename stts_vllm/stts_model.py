@@ -9,6 +9,7 @@ the placement of kept tokens after the encoder runs and the scorer weights live 
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Annotated, Any
 
@@ -21,7 +22,9 @@ from vllm.utils.tensor_schema import TensorShape
 
 from stts_vllm.core import STTSConfig, STTSScorer
 from stts_vllm.core.config import STTSConfigError, check_keep_ratio
+from stts_vllm.core.packing import budget_batches
 from stts_vllm.core.selection import retained_count
+from stts_vllm.encoder_budget import encoder_patch_budget, timed_encoder
 from stts_vllm.families import Family, resolve_stts
 from stts_vllm.positions import (
     POSITION_COLUMNS,
@@ -59,6 +62,30 @@ def stts_config_of(hf_config: Any, family: Family) -> STTSConfig:
     config = STTSConfig.from_dict(dict(raw))
     config.check_vit_depth(hf_config.vision_config.depth)
     return resolve_stts(config, family)
+
+
+@dataclasses.dataclass
+class EncoderCalls:
+    """Calls of the pruned tower this model made (engine profiling included): how many, with
+    how many videos and unpruned patches, the most patches one call took (what the patch
+    budget bounds), and their time. The server exports them (`stts_encoder_*`).
+
+    Time is exact on the CPU. On a GPU it needs a device sync after each call, which holds
+    the host back from queueing the next work, so it is only measured with
+    `STTS_ENCODER_TIMING=1` (otherwise it stays 0)."""
+
+    calls: int = 0
+    videos: int = 0
+    patches: int = 0
+    largest_patches: int = 0
+    seconds: float = 0.0
+
+    def record(self, patches: int, videos: int, seconds: float = 0.0) -> None:
+        self.calls += 1
+        self.videos += videos
+        self.patches += patches
+        self.largest_patches = max(self.largest_patches, patches)
+        self.seconds += seconds
 
 
 class STTSVideoPixelInputs(Qwen2_5_VLVideoPixelInputs):
@@ -189,10 +216,18 @@ class STTSModelMixin:
     stts_family: Family
     config: Any
     visual: Any
+    stts_batches_videos = True
+    """Bounds its own encoder calls by unpruned patches: the plugin's runner hook hands it a
+    step's videos together (`plugin.patch_runner_video_batches`)."""
 
     def _init_stts(self, vllm_config: VllmConfig) -> None:
         self.stts_config = stts_config_of(self.config, self.stts_family)
         self.stts_scorer: STTSScorer | None = None
+        # Unpruned patches per call of the pruned tower (`encoder_budget`).
+        self.stts_patch_budget = encoder_patch_budget(
+            vllm_config, self.config.vision_config.spatial_merge_size
+        )
+        self.stts_encoder_calls = EncoderCalls()
         if self.visual is not None:
             install_biased_kernel(self.visual, self.stts_config.prune_at + 1)
         if self.stts_config.scorer == "learned":
@@ -229,28 +264,40 @@ class STTSModelMixin:
             grids = video_input["video_grid_thw"].tolist()
         if all(k >= 1.0 for k in keep_ratios):
             return super()._process_video_input(video_input)  # type: ignore[misc]
-        # One video at a time: the early blocks see every patch, and the scheduler's encoder
-        # budget counts pruned tokens, so batching all scheduled videos could exceed the
-        # memory profiled for one unpruned video.
-        pixels = video_input["pixel_values_videos"].split([t * h * w for t, h, w in grids])
+        # The videos go through the tower together (one packed pass per block, each video
+        # selected on its own), in as few calls as the patch budget allows: the blocks before
+        # the pruning point see every patch, so calls are bounded by unpruned patches.
+        sizes = [t * h * w for t, h, w in grids]
+        pixels = video_input["pixel_values_videos"].split(sizes)
         merge = self.config.vision_config.spatial_merge_size
+        timing = timed_encoder(pixels[0].device)
 
         def encode(indices: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
             out = []
-            for i in indices:
+            for batch in budget_batches([sizes[i] for i in indices], self.stts_patch_budget):
+                chosen = [indices[b] for b in batch]
+                start = time.perf_counter()
                 pruned = self._pruned_vision_forward(
                     self.visual,
-                    pixels[i],
-                    [grids[i]],
-                    [keep_ratios[i]],
+                    torch.cat([pixels[i] for i in chosen])
+                    if len(chosen) > 1
+                    else pixels[chosen[0]],
+                    [grids[i] for i in chosen],
+                    [keep_ratios[i] for i in chosen],
                     config=self.stts_config,
                     scorer=self.stts_scorer,
                     selection=self.stts_config.selection,
                 )
-                (embeds,), (mask,) = pruned.embeds, pruned.keep_masks
-                if mask is None:  # keep 1.0: every unit
-                    mask = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
-                out.append((embeds, mask))
+                seconds = 0.0
+                if timing:
+                    torch.accelerator.synchronize()
+                    seconds = time.perf_counter() - start
+                patches = sum(sizes[i] for i in chosen)
+                self.stts_encoder_calls.record(patches, len(chosen), seconds)
+                for embeds, mask in zip(pruned.embeds, pruned.keep_masks, strict=True):
+                    if mask is None:  # keep 1.0: every unit
+                        mask = torch.ones(embeds.shape[0], dtype=torch.bool, device=embeds.device)
+                    out.append((embeds, mask))
             return out
 
         if getattr(self, "use_data_parallel", False):

@@ -42,11 +42,15 @@ def server_process(
     log: Path,
     env: dict[str, str],
     timeout: float = 300,
+    own_group: bool = False,
 ) -> Iterator[subprocess.Popen]:
     """Runs `argv` until the `with` ends; yields the process once `url + ready_path` answers
-    200."""
+    200. `own_group`: in a process group of its own, so that a test can kill it with its
+    children (vLLM's engine processes) at once, as a container runtime kills a pod."""
     with log.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=own_group
+        )
     try:
         deadline = time.monotonic() + timeout
         while True:

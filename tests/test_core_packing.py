@@ -65,3 +65,16 @@ def test_pack_without_windows_keeps_original_order_one_sequence_per_step() -> No
     assert packed.cu_seqlens.tolist() == [0, 16, 20]  # the empty step is dropped
     assert torch.equal(packed.cu_window_seqlens, packed.cu_seqlens)
     assert packed.restore.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_budget_batches_keep_order_and_stay_within_the_budget() -> None:
+    from stts_vllm.core import budget_batches
+
+    assert budget_batches([3, 3, 3], 6) == [[0, 1], [2]]
+    assert budget_batches([7, 1, 1], 6) == [[0], [1, 2]]  # too big alone: a batch of its own
+    assert budget_batches([2, 5, 2, 2], 6) == [[0], [1], [2, 3]]
+    assert budget_batches([1, 2, 3], None) == [[0, 1, 2]]
+    assert budget_batches([], 4) == []
+    assert budget_batches([4, 4], 1) == [[0], [1]]  # one call per video
+    with pytest.raises(ValueError, match="positive"):
+        budget_batches([1], 0)

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from server import metrics
 from server.schemas import Health, ModelCard, ModelList
 from server.state import StateDep, require_api_key
 
@@ -43,6 +44,10 @@ async def ready(state: StateDep) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def prometheus_metrics() -> Response:
-    """Ours (`stts_*`) and vLLM's (`vllm:*`), one registry."""
+async def prometheus_metrics(state: StateDep) -> Response:
+    """Ours (`stts_*`) and vLLM's (`vllm:*`), one registry; the pruned tower's counters are
+    fetched from the engine first."""
+    values = await state.engine.encoder_calls()
+    if values is not None:
+        metrics.ENCODER.values = values
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -17,7 +17,13 @@ from stts_vllm.core.mrope import (
     step_positions,
     timestamped_video_positions,
 )
-from stts_vllm.core.packing import PackedUnits, pack_kept_units, token_rows, window_partition
+from stts_vllm.core.packing import (
+    PackedUnits,
+    budget_batches,
+    pack_kept_units,
+    token_rows,
+    window_partition,
+)
 from stts_vllm.core.scoring import (
     STTSScorer,
     heuristic_scores,
@@ -39,6 +45,7 @@ __all__ = [
     "PackedUnits",
     "STTSConfig",
     "STTSScorer",
+    "budget_batches",
     "grid_placement",
     "heuristic_scores",
     "key_bias",

@@ -121,3 +121,24 @@ def pack_kept_units(
         cu_window_seqlens=_cumulative(window_counts, unit_size),
         kept_per_item=[int(k.sum()) for k in keeps],
     )
+
+
+def budget_batches(sizes: Sequence[int], budget: int | None) -> list[list[int]]:
+    """Items (by index, in order) grouped into consecutive batches whose sizes sum to at most
+    `budget`; an item larger than the budget alone gets a batch of its own. `None`: one batch.
+
+    A pruned tower's memory peaks in the blocks before the pruning point, where every patch
+    is still there, so several videos encoded together are bounded by their *unpruned*
+    patch count, not by the tokens they will keep."""
+    if budget is not None and budget < 1:
+        raise ValueError(f"budget must be positive or None, got {budget}")
+    batches: list[list[int]] = []
+    total = 0
+    for index, size in enumerate(sizes):
+        if batches and (budget is None or total + size <= budget):
+            batches[-1].append(index)
+            total += size
+        else:
+            batches.append([index])
+            total = size
+    return batches

@@ -108,6 +108,31 @@ def test_uploaded_file_is_decoded_once(server: Server) -> None:
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
 
+def test_the_pruned_towers_calls_are_exported(server: Server) -> None:
+    """The engine's encoder counters reach `/metrics`: two videos in one request are encoded
+    together (one call of the pruned tower), with their time (exact on the CPU)."""
+    client = server.openai()
+    videos = [encode_mp4(moving_square_video(8, 112, 168, seed=40 + i), fps=4) for i in range(2)]
+    urls = [f"data:video/mp4;base64,{base64.b64encode(v).decode()}" for v in videos]
+    before = metric_values(server)
+    content = [{"type": "video_url", "video_url": {"url": url}} for url in urls]
+    reply = client.chat.completions.create(
+        model="stts-demo",
+        messages=[{"role": "user", "content": [*content, {"type": "text", "text": "?"}]}],
+        max_tokens=2,
+    )
+    assert reply.choices[0].message.content is not None
+    after = metric_values(server)
+
+    def delta(name: str) -> float:
+        return after[name] - before.get(name, 0.0)
+
+    assert delta("stts_encoder_videos_total") == 2
+    assert delta("stts_encoder_calls_total") == 1
+    assert delta("stts_encoder_patches_total") > 0 and delta("stts_encoder_seconds_total") > 0
+    assert after["stts_encoder_largest_call_patches"] >= delta("stts_encoder_patches_total")
+
+
 def test_files_list_get_delete(server: Server) -> None:
     client = server.openai()
     video = encode_mp4(level_video(8), fps=4)

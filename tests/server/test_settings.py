@@ -53,6 +53,7 @@ def test_bad_engine_args_stop_the_server_at_start(demo_checkpoint, extra: str, m
     [
         (["--enable-auto-tool-choice"], "requires --tool-call-parser"),
         (["--tool-call-parser", "hermez"], "--tool-call-parser 'hermez': one of"),
+        (["--encoder-patch-budget", "0"], "greater than or equal to 1"),
     ],
 )
 def test_bad_tool_flags_stop_the_server_at_start(demo_checkpoint, flags: list, message: str):

@@ -105,3 +105,12 @@ def test_router_load_smoke(tmp_path: Path) -> None:
     assert rows["single"]["chat_requests_per_replica"][1] == 0  # one replica, no router
     (target,) = report["targets"]
     assert target["measured"] > 0 and (tmp_path / "router_load.png").stat().st_size > 0
+
+
+def test_video_batches_benchmark_smoke(tmp_path: Path) -> None:
+    """Videos through the pruned tower one call each vs packed: a row per size, the packed
+    embeddings equal to the single ones, a plot."""
+    (row,) = _run("bench/video_batches.py", tmp_path)
+    assert row["videos"] == 3 and row["one_call_each_seconds"] > 0 < row["one_packed_call_seconds"]
+    assert row["max_abs_difference"] < 1e-4 and row["speedup"] > 0
+    assert (tmp_path / "video_batches.png").stat().st_size > 0

@@ -39,6 +39,7 @@ def test_dry_run_plans_every_step_and_writes_the_report(tmp_path: Path) -> None:
         "engine-bfloat16-cuda-graphs",
         "training-cuda",
         "bench-vision-tower",
+        "bench-video-batches",
         "bench-sft-step",
         "bench-geometry",
         "bench-checkpoint",
@@ -52,6 +53,10 @@ def test_dry_run_plans_every_step_and_writes_the_report(tmp_path: Path) -> None:
     frames = bench[bench.index("--frames") + 1 : bench.index("--max-model-len")]
     assert frames == ["16", "32", "64", "128", "256"]
     assert str(ckpt) in steps["bench-checkpoint"]["command"]
+    batches = steps["bench-video-batches"]["command"]
+    assert (
+        "bench/video_batches.py" in batches and batches[batches.index("--dtype") + 1] == "bfloat16"
+    )
     sft = steps["bench-sft-step"]["command"]
     assert sft[sft.index("--frames") + 1 : sft.index("--out")] == ["64", "128"]
 

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import device_sync, saved_figure
+
 # Qwen2.5-VL-7B-Instruct's text_config (the vision side: bench/vision_tower.py)
 QWEN2_5_VL_7B_TEXT = {
     "hidden_size": 3584,
@@ -50,17 +52,12 @@ def build(args, tmp: Path):
     import torch
     import transformers
     from transformers import AutoProcessor
+    from vision_tower import QWEN2_5_VL_7B_VISION
 
     from stts_vllm.core import STTSConfig, STTSScorer
     from stts_vllm.demo import make_demo
     from stts_vllm.families import family_named, resolve_stts
     from stts_vllm.training.model import STTSVideoQAModel
-
-    sys_path = Path(__file__).resolve().parent
-    import sys
-
-    sys.path.insert(0, str(sys_path))
-    from vision_tower import QWEN2_5_VL_7B_VISION
 
     demo = make_demo(tmp / "demo", scorer="learned", overwrite=True)
     config = json.loads((demo / "config.json").read_text())
@@ -129,10 +126,7 @@ def run(args, model, mode: str) -> list[dict]:
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model), lr=0.0)  # lr 0: every repeat alike
     cuda = args.device.startswith("cuda")
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    sync = device_sync(args.device)
 
     rows = []
     for frames in args.frames:
@@ -175,27 +169,15 @@ def run(args, model, mode: str) -> list[dict]:
 
 
 def plot(rows: list[dict], png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for frames in sorted({r["frames"] for r in rows}):
-        mine = [r for r in rows if r["frames"] == frames]
-        ax.plot(
-            [r["keep"] for r in mine],
-            [r["step_seconds"] for r in mine],
-            "o-",
-            label=f"{frames} frames",
-        )
-    ax.set_xlabel("keep ratio")
-    ax.set_ylabel("step time (s)")
-    ax.set_title(f"train --data step, {rows[0]['mode']} mode, Qwen2.5-VL-7B shape")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    with saved_figure(png, dpi=100, figsize=(7, 4)) as (_, ax):
+        for frames in sorted({r["frames"] for r in rows}):
+            mine = [r for r in rows if r["frames"] == frames]
+            steps = [r["step_seconds"] for r in mine]
+            ax.plot([r["keep"] for r in mine], steps, "o-", label=f"{frames} frames")
+        ax.set_xlabel("keep ratio")
+        ax.set_ylabel("step time (s)")
+        ax.set_title(f"train --data step, {rows[0]['mode']} mode, Qwen2.5-VL-7B shape")
+        ax.legend()
 
 
 def main() -> None:

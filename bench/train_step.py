@@ -14,10 +14,12 @@ one per window (`stock`) is what keeps that time small on the CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
-import time
 from pathlib import Path
+
+from harness import saved_figure, time_runs
 
 
 def main() -> None:
@@ -52,13 +54,13 @@ def main() -> None:
         return sum(out.video_tokens)
 
     runs = [(blocks, keep) for blocks in args.blocks for keep in args.keep]
-    times: dict[tuple[str, float], list[float]] = {run: [] for run in runs}
-    tokens = {run: step(*run) for run in runs}  # warm-up
-    for _ in range(args.repeats):
-        for run in runs:
-            start = time.perf_counter()
-            step(*run)
-            times[run].append(time.perf_counter() - start)
+    tokens = {run: step(*run) for run in runs}  # also the warm-up
+    times = time_runs(
+        {run: functools.partial(step, *run) for run in runs},
+        args.repeats,
+        sync=lambda: None,  # the CPU
+        warmup=False,
+    )
     median = {run: statistics.median(values) for run, values in times.items()}
     rows = []
     for (blocks, keep), values in times.items():
@@ -87,28 +89,20 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
     kinds = list(dict.fromkeys(r["blocks"] for r in rows))
     keeps = list(dict.fromkeys(r["keep_ratio"] for r in rows))
     width = 0.8 / len(kinds)
-    for i, kind in enumerate(kinds):
-        mine = {r["keep_ratio"]: r for r in rows if r["blocks"] == kind}
-        xs = [j + i * width for j in range(len(keeps))]
-        ax.bar(xs, [mine[k]["step_seconds_median"] for k in keeps], width, label=kind)
-    ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(keeps))])
-    ax.set_xticklabels([f"keep {k}" for k in keeps])
-    ax.set_ylabel("seconds per training step (median)")
-    first = rows[0]
-    ax.set_title(f"{first['batch_size']} samples x {first['frames']} frames; vision blocks")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(6, 4)) as (_, ax):
+        for i, kind in enumerate(kinds):
+            mine = {r["keep_ratio"]: r for r in rows if r["blocks"] == kind}
+            xs = [j + i * width for j in range(len(keeps))]
+            ax.bar(xs, [mine[k]["step_seconds_median"] for k in keeps], width, label=kind)
+        ax.set_xticks([j + width * (len(kinds) - 1) / 2 for j in range(len(keeps))])
+        ax.set_xticklabels([f"keep {k}" for k in keeps])
+        ax.set_ylabel("seconds per training step (median)")
+        first = rows[0]
+        ax.set_title(f"{first['batch_size']} samples x {first['frames']} frames; vision blocks")
+        ax.legend()
 
 
 if __name__ == "__main__":

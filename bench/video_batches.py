@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vision_tower import QWEN2_5_VL_7B_VISION, build, time_runs
+from harness import device_sync, saved_figure, time_runs
+from vision_tower import QWEN2_5_VL_7B_VISION, build
 
 
 def main() -> None:
@@ -49,9 +50,7 @@ def main() -> None:
     visual, scorer, config = build(args.depth, dtype, device)
     stts = STTSConfig(scorer="learned", selection="global", prune_at=min(3, args.depth - 2))
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    sync = device_sync(device)
 
     def runs(videos: list[torch.Tensor], grid: tuple[int, int, int]) -> dict:
         """The two ways to encode `videos`: one call each, and one packed call."""
@@ -118,27 +117,21 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = [f"{r['videos']}x{r['frames']}f {r['size']}²" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar(
-        [i - 0.2 for i in x], [r["one_call_each_seconds"] for r in rows], 0.4, label="one call each"
-    )
-    ax.bar([i + 0.2 for i in x], [r["one_packed_call_seconds"] for r in rows], 0.4, label="packed")
-    for i, r in enumerate(rows):
-        ax.annotate(f"{r['speedup']:.2f}x", (i + 0.2, r["one_packed_call_seconds"]), ha="center")
-    ax.set_xticks(list(x), labels)
-    ax.set_ylabel("seconds (median)")
-    ax.set_title(f"pruned tower, keep {rows[0]['keep_ratio']}, {rows[0]['device']}")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, figsize=(6, 4)) as (_, ax):
+        each = [r["one_call_each_seconds"] for r in rows]
+        packed = [r["one_packed_call_seconds"] for r in rows]
+        ax.bar([i - 0.2 for i in x], each, 0.4, label="one call each")
+        ax.bar([i + 0.2 for i in x], packed, 0.4, label="packed")
+        for i, r in enumerate(rows):
+            ax.annotate(
+                f"{r['speedup']:.2f}x", (i + 0.2, r["one_packed_call_seconds"]), ha="center"
+            )
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("seconds (median)")
+        ax.set_title(f"pruned tower, keep {rows[0]['keep_ratio']}, {rows[0]['device']}")
+        ax.legend()
 
 
 if __name__ == "__main__":

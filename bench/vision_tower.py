@@ -19,10 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from harness import device_sync, saved_figure, time_runs
 
 # Qwen2.5-VL-7B-Instruct's vision_config (the 3B and 72B share it).
 QWEN2_5_VL_7B_VISION = {
@@ -75,22 +76,6 @@ def attention_kernel(kind: str) -> Iterator[None]:
         attention.flash_varlen_fits = saved
 
 
-def time_runs(runs: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None]):
-    """Median and spread of each run's seconds, interleaved so drift hits every run alike."""
-    for run in runs.values():  # warm-up (kernels, allocator)
-        run()
-    sync()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            sync()
-            start = time.perf_counter()
-            run()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -114,9 +99,7 @@ def main() -> None:
     # The converter's default prune_at, or the demo's 1 on a shallow smoke tower.
     stts = STTSConfig(scorer="learned", selection="global", prune_at=min(3, args.depth - 2))
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    sync = device_sync(device)
 
     flash = flash_varlen_fits(*(torch.zeros(1, 1, 8, device=device, dtype=dtype),) * 3)
     # FlashAttention's varlen kernel where it fits (CUDA, half precision), and the grouped
@@ -211,33 +194,30 @@ def _label(row: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     frames = list(dict.fromkeys(r["frames"] for r in rows))
-    fig, axes = plt.subplots(1, len(frames), figsize=(5 * len(frames), 4), squeeze=False)
-    for ax, count in zip(axes[0], frames, strict=True):
-        mine = [r for r in rows if r["frames"] == count]
-        names = list(dict.fromkeys(_label(r) for r in mine))
-        for i, pass_ in enumerate(("forward", "train")):
-            values = {_label(r): r for r in mine if r["pass"] == pass_}
-            xs = [j + 0.4 * i for j in range(len(names))]
-            ax.bar(xs, [values[n]["seconds_median"] for n in names], 0.4, label=pass_)
-        ax.set_xticks([j + 0.2 for j in range(len(names))])
-        ax.set_xticklabels(names, fontsize=8)
-        ax.set_ylabel("seconds per video (median)")
-        first = mine[0]
-        ax.set_title(
-            f"{count} frames, {first['size']}px, depth {first['depth']}, "
-            f"{first['dtype']} on {first['device']}",
-            fontsize=9,
-        )
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    figure = saved_figure(path, ncols=len(frames), figsize=(5 * len(frames), 4), squeeze=False)
+    with figure as (_, axes):
+        for ax, count in zip(axes[0], frames, strict=True):
+            _plot_frames(ax, [r for r in rows if r["frames"] == count])
+
+
+def _plot_frames(ax, mine: list[dict]) -> None:
+    """One frame count: forward and training time of each tower and keep ratio."""
+    names = list(dict.fromkeys(_label(r) for r in mine))
+    for i, pass_ in enumerate(("forward", "train")):
+        values = {_label(r): r for r in mine if r["pass"] == pass_}
+        xs = [j + 0.4 * i for j in range(len(names))]
+        ax.bar(xs, [values[n]["seconds_median"] for n in names], 0.4, label=pass_)
+    ax.set_xticks([j + 0.2 for j in range(len(names))])
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("seconds per video (median)")
+    first = mine[0]
+    ax.set_title(
+        f"{first['frames']} frames, {first['size']}px, depth {first['depth']}, "
+        f"{first['dtype']} on {first['device']}",
+        fontsize=9,
+    )
+    ax.legend()
 
 
 if __name__ == "__main__":

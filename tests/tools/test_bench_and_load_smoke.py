@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,11 +16,12 @@ from stts_vllm.families import family_named
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _run(script: str, out: Path, *extra: str) -> dict:
+def _run(script: str, out: Path, *extra: str, smoke: bool = True) -> Any:
     from tests.processes import server_env
 
+    flags = ["--smoke"] if smoke else []
     result = subprocess.run(
-        [sys.executable, str(ROOT / script), "--smoke", "--out", str(out), *extra],
+        [sys.executable, str(ROOT / script), *flags, "--out", str(out), *extra],
         capture_output=True,
         text=True,
         timeout=840,
@@ -114,3 +116,31 @@ def test_video_batches_benchmark_smoke(tmp_path: Path) -> None:
     assert row["videos"] == 3 and row["one_call_each_seconds"] > 0 < row["one_packed_call_seconds"]
     assert row["max_abs_difference"] < 1e-4 and row["speedup"] > 0
     assert (tmp_path / "video_batches.png").stat().st_size > 0
+
+
+def test_vision_tower_benchmark_smoke(tmp_path: Path) -> None:
+    """The tower benchmark on a shallow tower: every pass, tower and keep ratio, a plot."""
+    args = ["--depth", "4", "--size", "112", "--frames", "8", "--repeats", "1"]
+    rows = _run("bench/vision_tower.py", tmp_path, *args, smoke=False)
+    seen = {(r["pass"], r["tower"], r["keep_ratio"]) for r in rows}
+    assert {("forward", "stock", 1.0), ("train", "stts", 0.5)} <= seen
+    assert all(r["seconds_median"] > 0 for r in rows)
+    assert (tmp_path / "vision_tower.png").stat().st_size > 0
+
+
+def test_train_step_benchmark_smoke(tmp_path: Path) -> None:
+    """The training-step benchmark on the demo: a row per (blocks, keep ratio), a plot."""
+    from stts_vllm.demo import make_demo
+
+    demo = str(make_demo(tmp_path / "demo"))
+    args = [demo, "--batch-size", "2", "--frames", "8", "--keep", "1.0", "0.5", "--repeats", "1"]
+    rows = _run("bench/train_step.py", tmp_path / "out", *args, smoke=False)
+    assert [(r["blocks"], r["keep_ratio"]) for r in rows] == [
+        ("batched", 1.0),
+        ("batched", 0.5),
+        ("stock", 1.0),
+        ("stock", 0.5),
+    ]
+    assert rows[1]["video_tokens"] < rows[0]["video_tokens"]
+    assert all(r["step_seconds_median"] > 0 for r in rows)
+    assert (tmp_path / "out/train_step.png").stat().st_size > 0

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import io
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -382,6 +384,29 @@ def stop(process: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@dataclass(kw_only=True)
+class CrashableServer:
+    """A server started in a process group of its own (`launch`, or the tests'
+    `server_process(own_group=True)`), which a fault test crashes and restarts."""
+
+    process: subprocess.Popen | None = None
+    orphans: list[int] = field(default_factory=list)
+
+    def kill(self) -> None:
+        """SIGKILL to the server process: it crashes. vLLM's engine processes are left
+        orphaned (a container runtime would take them down with it); `reap` ends them."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+        self.orphans.append(self.process.pid)  # the group it leads
+
+    def reap(self) -> None:
+        for group in self.orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGKILL)
+        self.orphans.clear()
 
 
 def free_port() -> int:

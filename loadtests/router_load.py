@@ -24,22 +24,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 from chat_load import (
     API_KEY,
+    CrashableServer,
     LevelResult,
     Sample,
     clip,
@@ -59,16 +58,14 @@ GOAL_LATER_TTFT_RATIO = 1.2
 
 
 @dataclass
-class Replica:
-    """One stts-serve process; `restart` brings it back on the same port."""
+class Replica(CrashableServer):
+    """One stts-serve process; `start` again brings it back on the same port."""
 
     checkpoint: Path
     port: int
     log: Path
     files_dir: Path
     env: dict[str, str]
-    process: subprocess.Popen | None = None
-    orphans: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -76,20 +73,6 @@ class Replica:
 
     def start(self) -> None:
         self.process = launch(self.checkpoint, self.port, self.log, {}, self.files_dir, self.env)
-
-    def kill(self) -> None:
-        """SIGKILL to the server process: it crashes. Its engine processes are left orphaned
-        (a container runtime would take them down with it); `reap` ends them."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self.orphans.append(self.process.pid)  # its process group (`launch`)
-
-    def reap(self) -> None:
-        for group in self.orphans:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
-        self.orphans.clear()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

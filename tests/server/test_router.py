@@ -6,24 +6,22 @@ costs a bounded number of requests and no upload."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from chat_load import CrashableServer
 from media import encode_video, moving_square_video
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -37,13 +35,11 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @dataclass
-class Replica:
+class Replica(CrashableServer):
     port: int
     log: Path
     argv: list[str]
     env: dict[str, str]
-    process: subprocess.Popen | None = None
-    orphans: list[int] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -53,21 +49,6 @@ class Replica:
         self.process = stack.enter_context(
             server_process(self.argv, self.url, "/ready", self.log, self.env, own_group=True)
         )
-
-    def kill(self) -> None:
-        """SIGKILL to the server process: it crashes. vLLM's engine processes are left
-        orphaned (a container runtime would take them down with it); `reap` ends them once
-        the replica has been started again."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-        self.orphans.append(self.process.pid)  # its process group
-
-    def reap(self) -> None:
-        for group in self.orphans:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(group, signal.SIGKILL)
-        self.orphans.clear()
 
     def counts(self) -> dict[str, float]:
         """Chat requests answered, uploads taken, decoded-frame cache hits."""

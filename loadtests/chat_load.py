@@ -6,7 +6,8 @@ With `--launch` it starts `stts-serve` itself, once per configuration, on 127.0.
 `unpruned` (keep 1.0 per request), `stts` (keep 0.5), `evs` (the stock architecture over the
 same weights with vLLM's `video_pruning_rate` 0.5), each on the same checkpoint (default: the
 demo); `--configs` picks them, and `stts-sequential` (keep 0.5, one pruned-tower call per
-video, as vLLM's runner encodes videos for pruning models) is there to compare with. Without
+video, as vLLM's runner encodes videos for pruning models) and `stock` (vLLM's own model, no
+pruning, against which `unpruned` shows what the plugin costs) are there to compare with. Without
 it, `--url` names one running server (loopback only) and `--keep` the ratio.
 Every conversation gets a clip of its own (lengths cycle through `--video-seconds`; the same
 clips for every configuration), uploaded through `/v1/files` before the clock starts, so no
@@ -446,6 +447,7 @@ def plot(summaries: list[dict], path: Path) -> None:
         "stts": "#2e7d32",
         "stts-sequential": "#81c784",
         "evs": "#e6a03c",
+        "stock": "#9e9e9e",
         "server": "#1f77b4",
     }
     for config in sorted({s["config"] for s in summaries}):
@@ -533,7 +535,7 @@ def main() -> None:
     parser.add_argument(
         "--configs",
         nargs="+",
-        choices=["unpruned", "stts", "stts-sequential", "evs"],
+        choices=["unpruned", "stts", "stts-sequential", "evs", "stock"],
         default=["unpruned", "stts", "evs"],
         help="servers --launch starts, in order",
     )
@@ -563,6 +565,8 @@ def main() -> None:
             # runner encodes videos for pruning models
             "stts-sequential": (checkpoint, 0.5, {}, {"STTS_ENCODER_PATCH_BUDGET": "1"}),
             "evs": (stock, 1.0, {"video_pruning_rate": 0.5}, {}),
+            # vLLM's own model: what `unpruned` (the plugin at keep 1.0) must match
+            "stock": (stock, 1.0, {}, {}),
         }
         for name in args.configs:
             path, keep, engine_args, env = available[name]

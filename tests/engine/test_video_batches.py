@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from media import chat_prompt, moving_square_video, video_item
+from media import chat_prompt, image, moving_square_video, video_item
 
 from tests.engine.helpers import assert_close_to_reference, live_model
 
@@ -43,10 +43,13 @@ class Spy:
     def __init__(self, model: Any, monkeypatch: pytest.MonkeyPatch) -> None:
         self.outputs: list[torch.Tensor] = []
         self.calls: list[tuple[int, int]] = []
+        self.handed: list[tuple[str, int]] = []  # per `embed_multimodal` call: modality, items
         embed, forward = model.embed_multimodal, model._pruned_vision_forward
 
         def spy_embed(**kwargs: Any) -> Any:
             out = embed(**kwargs)
+            modality = "video" if kwargs.get("pixel_values_videos") is not None else "image"
+            self.handed.append((modality, len(out)))
             if kwargs.get("pixel_values_videos") is not None:
                 self.outputs.extend(o.detach().float().cpu().clone() for o in out)
             return out
@@ -103,6 +106,24 @@ def test_videos_encoded_together_equal_each_alone(
     assert max(videos for _, videos in together.calls) > 1
     _assert_same_videos(together.outputs, alone.outputs)
     assert tokens == alone_tokens
+
+
+def test_images_and_keep_one_videos_take_the_stock_path(
+    engines, demo_ckpt: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step without a pruned video: handed over together as for any unpruned model (one
+    call per modality), through the stock tower; the pruned tower never runs."""
+    llm = engines.get(demo_ckpt)
+    model = live_model(llm)
+    keep_one = [(f, h, w, 1.0) for f, h, w, _ in VIDEOS[:3]]
+    pictures = [
+        {"prompt": chat_prompt("image"), "multi_modal_data": {"image": [image(112 + 28 * i, 140)]}}
+        for i in range(3)
+    ]
+    monkeypatch.setattr(model, "stts_encoder_calls", type(model.stts_encoder_calls)())
+    _, spy = _run(llm, _prompts(keep_one) + pictures, monkeypatch)
+    assert spy.calls == [] and model.stts_encoder_calls.calls == 0
+    assert sorted(spy.handed) == [("image", 3), ("video", 3)]
 
 
 def test_a_batch_over_the_patch_budget_is_split(engines, demo_ckpt: Path, monkeypatch) -> None:

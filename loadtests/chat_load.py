@@ -441,7 +441,9 @@ def plot(summaries: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    # a third panel where the server reported its pruned-tower calls (`stts_encoder_*`)
+    towers = any(s.get("encoder_calls_per_video") is not None for s in summaries)
+    fig, axes = plt.subplots(1, 3 if towers else 2, figsize=(16 if towers else 11, 4))
     colors = {
         "unpruned": "#555555",
         "stts": "#2e7d32",
@@ -463,10 +465,17 @@ def plot(summaries: list[dict], path: Path) -> None:
         )
         axes[1].plot(conc, p50, "o-", color=color, label=f"{config} p50")
         axes[1].plot(conc, p95, "x--", color=color, label=f"{config} p95")
+        calls = [s.get("encoder_calls_per_video") for s in rows]
+        if towers and any(c is not None for c in calls):
+            axes[2].plot(conc, [c or 0 for c in calls], "o-", color=color, label=config)
     axes[0].set_title("throughput vs concurrency")
     axes[0].set_ylabel("requests / s")
     axes[1].set_title("latency vs concurrency")
     axes[1].set_ylabel("seconds")
+    if towers:
+        axes[2].set_title("pruned-tower calls per video")
+        axes[2].set_ylabel("calls / video")
+        axes[2].set_ylim(bottom=0)
     for ax in axes:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")

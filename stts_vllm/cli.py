@@ -21,6 +21,7 @@ from pydantic_settings import (
 )
 
 from stts_vllm.eval.config import EvalConfig
+from stts_vllm.families import DEMO_FAMILIES
 from stts_vllm.training.config import TrainConfig
 from stts_vllm.training.knobs import TrainingKnobs
 from stts_vllm.training.sft_config import SFTConfig
@@ -32,7 +33,7 @@ class MakeDemo(BaseModel):
     Qwen3-VL with `--family qwen3_vl`, or Qwen3.5 with `--family qwen3_5` (bfloat16 on CPU)."""
 
     out: CliPositionalArg[Path]
-    family: Literal["qwen2_5_vl", "qwen3_vl", "qwen3_5"] = "qwen2_5_vl"
+    family: Literal[*DEMO_FAMILIES] = "qwen2_5_vl"  # type: ignore[valid-type]
     seed: int = 0
     keep_ratio: float = 0.5
     prune_at: int = 1

@@ -1,5 +1,7 @@
-"""What every benchmark here shares: waiting for the device, timing interleaved runs, and
-saving the PNG next to the JSON. Benchmarks run as scripts, so this folder is on `sys.path`."""
+"""What the tower and training benchmarks share: waiting for the device, timing interleaved
+runs, and saving the PNG next to the JSON. Only torch and matplotlib, imported when used, so
+that the GPU machine (torch, no vLLM) runs them. Benchmarks run as scripts, so this folder is
+on `sys.path`."""
 
 from __future__ import annotations
 

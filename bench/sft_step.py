@@ -133,7 +133,7 @@ def run(args, model, mode: str) -> list[dict]:
         item = sample(model, frames, args.size)
         for keep in sorted(args.keep, reverse=True):
             if cuda:
-                torch.cuda.reset_peak_memory_stats()
+                torch.cuda.reset_peak_memory_stats(args.device)
             times, tokens = [], 0
             t, h, w = item.media[0].grid
             unpruned = len(item.ids) - 1 + t * h * w // 4  # the sample's tokens at keep 1.0
@@ -159,7 +159,7 @@ def run(args, model, mode: str) -> list[dict]:
                 "llm_tokens": tokens,
                 # the data a step gets through: the sample's tokens at keep 1.0, per second
                 "tokens_per_second": unpruned / median,
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "peak_gib": torch.cuda.max_memory_allocated(args.device) / 2**30 if cuda else None,
             }
             base = next((r for r in rows if r["frames"] == frames), None)
             row["speedup"] = base["step_seconds"] / median if base else 1.0
@@ -214,7 +214,9 @@ def main() -> None:
         raise SystemExit("no mode fit on this device")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+        device = (
+            torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+        )
         report = {
             "device": device,
             "args": {k: str(v) for k, v in vars(args).items()},

@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import device_sync, saved_figure, time_runs
 from vision_tower import QWEN2_5_VL_7B_VISION, build
 

@@ -404,6 +404,8 @@ class CrashableServer:
         self.orphans.append(self.process.pid)  # the group it leads
 
     def reap(self) -> None:
+        """Ends the engine groups `kill` left, when the caller chooses: after the restart
+        (a fault test measures the restart under load, not the clean-up) or at teardown."""
         for group in self.orphans:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(group, signal.SIGKILL)
@@ -467,7 +469,13 @@ def plot(summaries: list[dict], path: Path) -> None:
         axes[1].plot(conc, p95, "x--", color=color, label=f"{config} p95")
         calls = [s.get("encoder_calls_per_video") for s in rows]
         if towers and any(c is not None for c in calls):
-            axes[2].plot(conc, [c or 0 for c in calls], "o-", color=color, label=config)
+            axes[2].plot(  # a level without pruned videos is left out, not drawn as 0
+                conc,
+                [float("nan") if c is None else c for c in calls],
+                "o-",
+                color=color,
+                label=config,
+            )
     axes[0].set_title("throughput vs concurrency")
     axes[0].set_ylabel("requests / s")
     axes[1].set_title("latency vs concurrency")

@@ -29,8 +29,8 @@ from stts_vllm.training.videoqa import TRAINABLE
 
 
 class MakeDemo(BaseModel):
-    """Build a tiny random STTS checkpoint (offline, deterministic by seed): Qwen2.5-VL, or
-    Qwen3-VL with `--family qwen3_vl`, or Qwen3.5 with `--family qwen3_5` (bfloat16 on CPU)."""
+    """Build a tiny random STTS checkpoint (offline, deterministic by seed) of a family that
+    has a demo (`--family`, default Qwen2.5-VL; Qwen3.5's is bfloat16, also on the CPU)."""
 
     out: CliPositionalArg[Path]
     family: Literal[*DEMO_FAMILIES] = "qwen2_5_vl"  # type: ignore[valid-type]

@@ -121,7 +121,10 @@ def test_images_and_keep_one_videos_take_the_stock_path(
         for i in range(3)
     ]
     monkeypatch.setattr(model, "stts_encoder_calls", type(model.stts_encoder_calls)())
-    _, spy = _run(llm, _prompts(keep_one) + pictures, monkeypatch)
+    # about 600 tokens in all: one scheduled step (the engine's batch holds thousands)
+    prompts = _prompts(keep_one) + pictures
+    assert llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens >= 2048
+    _, spy = _run(llm, prompts, monkeypatch)
     assert spy.calls == [] and model.stts_encoder_calls.calls == 0
     assert sorted(spy.handed) == [("image", 3), ("video", 3)]
 

@@ -31,6 +31,7 @@ from tests.server.helpers import API_KEY, Server, metric_values
 ROOT = Path(__file__).resolve().parents[2]
 ROUTER = ROOT / ".venv-router/bin/vllm-router"
 GATEWAY_CONF = ROOT / "deploy/gateway/nginx.conf"
+LAZY_ROUTER_COUNTERS = {"vllm_router_retries_total"}
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -350,4 +351,10 @@ def test_the_dashboard_watches_router_metrics_that_exist(deployment: Deployment)
     assert wanted, "no router panels"
     text = httpx.get(deployment.router_metrics, timeout=10).text
     exported = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
-    assert wanted <= exported, sorted(wanted - exported)
+    # A counter appears at its first increment, and a retry happens only when a request
+    # reached the killed replica before its health check failed: that one may be missing
+    # from this run's /metrics, but the pinned router must still define it.
+    assert wanted - exported <= LAZY_ROUTER_COUNTERS, sorted(wanted - exported)
+    (extension,) = (ROOT / ".venv-router").glob("lib/python*/site-packages/vllm_router_rs*.so")
+    defined = extension.read_bytes()
+    assert all(name.encode() in defined for name in wanted - exported)

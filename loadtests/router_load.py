@@ -7,7 +7,7 @@ and, for each `--policies` entry, `vllm-router` in front of them (the replicas s
 policies). Every conversation gets a clip of its own, uploaded to the replicas in turn (as a
 Kubernetes Service or the compose gateway spreads uploads: the router does not take multipart
 bodies), then asks `--turns` questions about it through the router, history resent, with an
-`X-Session-Id` header per conversation (what docs/deploy.md tells clients to send).
+`X-Session-Id` header per conversation (what deploy/README.md section 5 tells clients to send).
 
 Reported per configuration, side by side: TTFT p50 of first and of later turns, req/s, errors,
 and the share of later turns that reached a replica already holding their video, from each

@@ -155,7 +155,10 @@ def test_streaming_with_usage_and_report(server: Server) -> None:
     chunks = list(stream)
     assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
     *body, last = chunks
-    assert not last.choices and last.usage.completion_tokens == 5
+    # the random demo model may sample its end token before max_tokens
+    finish = next(c.choices[0].finish_reason for c in body if c.choices[0].finish_reason)
+    assert not last.choices and 0 < last.usage.completion_tokens <= 5
+    assert (last.usage.completion_tokens == 5) == (finish == "length")
     assert last.model_extra["stts"]["videos"][0]["frames_sampled"] == 6  # 3 s at 2 fps
     assert all(c.usage is not None for c in body)  # continuous usage stats
     finishes = [c.choices[0].finish_reason for c in body if c.choices]
